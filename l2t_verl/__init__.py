@@ -1,0 +1,1 @@
+"""L2T (Learning to Think) on top of verl."""
