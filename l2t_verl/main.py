@@ -24,7 +24,9 @@ def prepare_config(config: DictConfig) -> DictConfig:
         if not config.reward.custom_reward_function.get("path"):
             config.reward.custom_reward_function.path = str(Path(__file__).parent / "scoring" / "__init__.py")
     auto_set_device(config)
-    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    validate_config(
+        config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
+    )
     return config
 
 

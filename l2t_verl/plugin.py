@@ -18,9 +18,7 @@ import logging
 
 logger = logging.getLogger("l2t_verl")
 
-_L2T_MODULES = (
-    "l2t_verl.advantage",
-)
+_L2T_MODULES = ("l2t_verl.advantage",)
 
 
 def _register_rollout() -> None:

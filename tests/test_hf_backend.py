@@ -48,9 +48,16 @@ def test_sampling_matches_hf_generate_under_same_seed(model, top_p):
     )[0:1][0]
     torch.manual_seed(1234)
     ref = model.generate(
-        torch.tensor([prompt]), do_sample=True, temperature=0.9, top_p=top_p, top_k=0, max_new_tokens=20,
-        min_new_tokens=20, eos_token_id=eos, pad_token_id=0,
-    )[0, len(prompt):].tolist()
+        torch.tensor([prompt]),
+        do_sample=True,
+        temperature=0.9,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=20,
+        min_new_tokens=20,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
     assert completion.token_ids == ref
 
 
@@ -59,7 +66,9 @@ def test_greedy_batch_with_padding_matches_single_requests(model):
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [5, 6, 7]]
     batched = engine.generate([(p, _spec(temperature=0, max_tokens=12, ignore_eos=True)) for p in prompts])
     for prompt, result in zip(prompts, batched, strict=True):
-        single = _engine(model).generate([(prompt, _spec(temperature=0, max_tokens=12, ignore_eos=True))])[0][0]
+        single = _engine(model).generate([(prompt, _spec(temperature=0, max_tokens=12, ignore_eos=True))])[0][
+            0
+        ]
         assert result[0].token_ids == single.token_ids
     # the two identical prompts were prefilled once
     assert engine.stats["prefill_tokens"] == 3 + 7
@@ -67,7 +76,9 @@ def test_greedy_batch_with_padding_matches_single_requests(model):
 
 def test_sampled_logprobs_equal_a_forward_pass(model):
     prompt = [3, 4, 5, 6]
-    (c,) = _engine(model).generate([(prompt, _spec(temperature=1.0, max_tokens=10, logprobs=True, seed=0))])[0]
+    (c,) = _engine(model).generate([(prompt, _spec(temperature=1.0, max_tokens=10, logprobs=True, seed=0))])[
+        0
+    ]
     ref = _forward_logps(model, prompt + c.token_ids)[len(prompt) - 1 :]
     torch.testing.assert_close(torch.tensor(c.log_probs), ref, atol=1e-5, rtol=0)
 
@@ -163,10 +174,18 @@ def ray_session():
 def _rollout_config(**overrides):
     from omegaconf import OmegaConf
 
-    cfg = {"_target_": "verl.workers.config.RolloutConfig", "name": "hf", "prompt_length": 64, "response_length": 24, "tensor_model_parallel_size": 1,
-           "free_cache_engine": False,
-           "checkpoint_engine": {"_target_": "verl.workers.config.CheckpointEngineConfig",
-                                 "update_weights_bucket_megabytes": 1}}
+    cfg = {
+        "_target_": "verl.workers.config.RolloutConfig",
+        "name": "hf",
+        "prompt_length": 64,
+        "response_length": 24,
+        "tensor_model_parallel_size": 1,
+        "free_cache_engine": False,
+        "checkpoint_engine": {
+            "_target_": "verl.workers.config.CheckpointEngineConfig",
+            "update_weights_bucket_megabytes": 1,
+        },
+    }
     cfg.update(overrides)
     return OmegaConf.create(cfg)
 

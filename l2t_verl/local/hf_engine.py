@@ -48,7 +48,9 @@ class SamplingSpec:
     n: int = 1
 
     # Keys verl or vLLM may send that change nothing for a CPU engine.
-    _IGNORED = frozenset({"detokenize", "skip_special_tokens", "spaces_between_special_tokens", "min_p", "extra_args"})
+    _IGNORED = frozenset(
+        {"detokenize", "skip_special_tokens", "spaces_between_special_tokens", "min_p", "extra_args"}
+    )
 
     @classmethod
     def parse(cls, params: dict[str, Any], default_max_tokens: int) -> SamplingSpec:
@@ -162,7 +164,9 @@ class HFEngine:
         for name, tensor in named_tensors:
             target = targets[name]
             if target.shape != tensor.shape:
-                raise ValueError(f"weight update {name}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
+                raise ValueError(
+                    f"weight update {name}: shape {tuple(tensor.shape)} != {tuple(target.shape)}"
+                )
             target.copy_(tensor.to(dtype=target.dtype, device=target.device))
         self.clear_prefix_cache()
         return len(named_tensors)
@@ -211,7 +215,11 @@ class HFEngine:
             mask[i, width - len(p) :] = 1
         cache = DynamicCache(config=self.model.config)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=_positions(mask),
+            past_key_values=cache,
+            use_cache=True,
         )
         self.stats["prefill_tokens"] += int(mask.sum())
         prompt_logps = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
@@ -222,7 +230,7 @@ class HFEngine:
         row_prompt_logps = prompt_logps[select]
 
         budget = [min(r.spec.max_tokens, self.max_model_len - len(r.prompt)) for r in rows]
-        for step in range(max(budget)):
+        for _ in range(max(budget)):
             tokens = torch.full((len(rows),), self.pad_token_id, dtype=torch.long)
             for b, row in enumerate(rows):
                 if row.done is not None:
@@ -232,7 +240,9 @@ class HFEngine:
                 row.logps.append(logp)
                 row.raw_logps.append(raw)
                 tokens[b] = token
-                if (not row.spec.ignore_eos and token in self.eos_token_ids) or token in row.spec.stop_token_ids:
+                if (
+                    not row.spec.ignore_eos and token in self.eos_token_ids
+                ) or token in row.spec.stop_token_ids:
                     row.done = "stop"
                 elif len(row.out) >= budget[b]:
                     row.done = "length"
@@ -281,7 +291,9 @@ class HFEngine:
         token = int(torch.multinomial(probs, 1, generator=row.generator or self._generator))
         return token, float(logp[token]), float(raw[token])
 
-    def _remember(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, prompt_logps: torch.Tensor):
+    def _remember(
+        self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, prompt_logps: torch.Tensor
+    ):
         """Keep each finished sequence's KV rows so later scoring of its prefixes starts from them."""
         if self.prefix_cache_entries <= 0:
             return
@@ -338,7 +350,10 @@ class HFEngine:
             cache, keep, known = DynamicCache(config=self.model.config), 0, []
         new = torch.tensor(ids[keep:])[None]
         out = self.model(
-            input_ids=new, position_ids=torch.arange(keep, len(ids))[None], past_key_values=cache, use_cache=True
+            input_ids=new,
+            position_ids=torch.arange(keep, len(ids))[None],
+            past_key_values=cache,
+            use_cache=True,
         )
         self.stats["score_tokens"] += new.shape[1]
         self.stats["score_cached_tokens"] += keep

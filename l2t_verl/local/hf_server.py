@@ -106,8 +106,12 @@ class HFRolloutServer:
             extra["prompt_ids"] = [[t] for t in prompt_ids[1:]] + [[0]]
             extra["num_cached_tokens"] = reused
             if spec.max_tokens == 0:
-                return TokenOutput(token_ids=[], log_probs=[] if spec.logprobs else None,
-                                   stop_reason="completed", extra_fields=extra)
+                return TokenOutput(
+                    token_ids=[],
+                    log_probs=[] if spec.logprobs else None,
+                    stop_reason="completed",
+                    extra_fields=extra,
+                )
         self.engine.check_prompt(prompt_ids, spec)
         completions = await self._submit("generate", (prompt_ids, spec))
         first = completions[0]

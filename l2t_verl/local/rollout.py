@@ -59,7 +59,9 @@ class HFServerAdapter(BaseRollout):
         if wire_format != "named_tensors":
             raise ValueError(f"the hf rollout takes wire_format='named_tensors', got {wire_format!r}")
         if kwargs.get("peft_config") is not None:
-            raise NotImplementedError("the hf rollout does not serve LoRA adapters; set model.lora.merge=True")
+            raise NotImplementedError(
+                "the hf rollout does not serve LoRA adapters; set model.lora.merge=True"
+            )
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
         for name, tensor in weights:

@@ -1,0 +1,561 @@
+"""Offline assets for L2T experiments: a tiny tokenizer, a tiny random Qwen2 model and a
+synthetic multi-step arithmetic dataset in verl's parquet schema.
+
+Nothing here touches the network: the tokenizer is trained on the synthetic corpus and the
+model is randomly initialised, so the whole pipeline (SFT, rollout, RL) can be exercised on
+machines that cannot download checkpoints or datasets.
+
+CLI::
+
+    python -m l2t_verl.assets --output DIR [--seed 0] [--train-size 512] [--val-size 64] [--force]
+
+Layout written under ``DIR``::
+
+    DIR/model/             tokenizer + Qwen2ForCausalLM (save_pretrained; from_pretrained-loadable)
+    DIR/data/train.parquet
+    DIR/data/test.parquet
+    DIR/assets.json        manifest; a rebuild is skipped when it matches the requested build
+
+Note on ``apply_chat_template`` (transformers 5.x): with ``tokenize=True`` it returns a
+``BatchEncoding`` (a dict with ``input_ids`` / ``attention_mask``) unless ``return_dict=False`` is
+passed, in which case it returns a flat ``list[int]``.  verl copes with both through
+``verl.utils.tokenizer.normalize_token_ids``; our own code should pass ``return_dict=False``
+(or go through that helper) rather than assume either shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay lazy: the data helpers must not pull in torch
+    import pyarrow as pa
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
+
+# Bump when the generator, tokenizer recipe or model recipe changes, so that stale asset
+# directories are rebuilt instead of silently reused.
+ASSETS_VERSION = 1
+
+DATA_SOURCE = "l2t_arith"
+ABILITY = "math"
+INSTRUCTION = "What is the result? Think step by step and put the final answer in \\boxed{}."
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, IM_START, EOS_TOKEN]
+THINK_START = "<think>"
+THINK_END = "</think>"
+THINK_TOKENS = [THINK_START, THINK_END]
+STEP_SEPARATOR = "\n\n"
+
+DEFAULT_VOCAB_SIZE = 768
+# The tokenizer corpus is a fixed-size sample that depends only on the seed, so the tokenizer
+# (and hence token ids / model shapes) does not change when train/val sizes change.
+TOKENIZER_CORPUS_PROBLEMS = 3000
+
+# Qwen2's pre-tokenizer regex.  Digits are isolated (\p{N} without "+"), which keeps numbers
+# compositional -- far easier for a tiny model doing arithmetic than multi-digit merges.
+_QWEN2_PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Qwen-style ChatML.  No default system prompt: prompts stay short for a 1024-position model.
+# List-style content (verl's multimodal message format) is flattened to its text parts.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+DEFAULT_MODEL_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    # transformers 5 renamed ``torch_dtype`` to ``dtype``.
+    "dtype": "float32",
+}
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic arithmetic problems
+# ---------------------------------------------------------------------------------------------
+
+MAX_START = 20
+MAX_ADDEND = 20
+MAX_FACTOR = 5
+# Soft cap on intermediate values: multiplication is only offered while the product stays
+# below it, so numbers remain "small" (at most MAX_VALUE + MAX_ADDEND).
+MAX_VALUE = 500
+
+_OP_TEXT = {"add": "Add {k}.", "sub": "Subtract {k}.", "mul": "Multiply by {k}.", "div": "Divide by {k}."}
+_OP_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+_TEXT_OP = {"Add": "add", "Subtract": "sub", "Multiply by": "mul", "Divide by": "div"}
+_START_RE = re.compile(r"Start at (\d+)\.")
+_OP_RE = re.compile(r"(Add|Subtract|Multiply by|Divide by) (\d+)\.")
+
+
+def _apply(op: str, value: int, k: int) -> int:
+    if op == "add":
+        return value + k
+    if op == "sub":
+        return value - k
+    if op == "mul":
+        return value * k
+    if op == "div":
+        return value // k
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _random_op(rng: random.Random, value: int) -> tuple[str, int]:
+    # Only offer operations that keep every intermediate a non-negative integer of modest size:
+    # subtraction never goes below zero and division is always exact.
+    choices = ["add"]
+    if value >= 1:
+        choices.append("sub")
+    if 1 <= value and value * 2 <= MAX_VALUE:
+        choices.append("mul")
+    divisors = [k for k in range(2, MAX_FACTOR + 1) if value >= k and value % k == 0]
+    if divisors:
+        choices.append("div")
+    op = rng.choice(choices)
+    if op == "add":
+        k = rng.randint(1, MAX_ADDEND)
+    elif op == "sub":
+        k = rng.randint(1, min(value, MAX_ADDEND))
+    elif op == "mul":
+        k = rng.randint(2, min(MAX_FACTOR, MAX_VALUE // value))
+    else:
+        k = rng.choice(divisors)
+    return op, k
+
+
+def difficulty_tier(num_steps: int) -> int:
+    """Difficulty tier 1..4 from the number of operations: 1 -> 1, 2-3 -> 2, 4-5 -> 3, 6+ -> 4."""
+    return max(1, min(4, 1 + num_steps // 2))
+
+
+def render_prompt(start: int, ops: Sequence[tuple[str, int]]) -> str:
+    parts = [f"Start at {start}."] + [_OP_TEXT[op].format(k=k) for op, k in ops] + [INSTRUCTION]
+    return " ".join(parts)
+
+
+def _problem_text(problem: Any) -> str:
+    """Accept a raw prompt string, a message list, or a verl row (also as read back by pandas,
+    where ``prompt`` is a numpy array of dicts)."""
+    if isinstance(problem, str):
+        return problem
+    if isinstance(problem, dict):
+        if "prompt" in problem:
+            return _problem_text(problem["prompt"])
+        if "content" in problem:
+            return str(problem["content"])
+        raise ValueError("problem dict has neither 'prompt' nor 'content'")
+    messages = list(problem)
+    user = [m for m in messages if m.get("role") == "user"]
+    if not user:
+        raise ValueError("problem has no user message")
+    return str(user[-1]["content"])
+
+
+def parse_problem(problem: Any) -> tuple[int, list[tuple[str, int]]]:
+    """Recover ``(start, [(op, k), ...])`` from a problem (string, messages or verl row).
+
+    Parsing the text rather than carrying hidden fields means rows read back from parquet work
+    exactly like freshly generated ones.
+    """
+    text = _problem_text(problem)
+    m = _START_RE.search(text)
+    if m is None:
+        raise ValueError(f"not an arithmetic problem: {text!r}")
+    ops = [(_TEXT_OP[op_m.group(1)], int(op_m.group(2))) for op_m in _OP_RE.finditer(text, m.end())]
+    return int(m.group(1)), ops
+
+
+def solve(problem: Any) -> int:
+    """The exact answer of a problem."""
+    value, ops = parse_problem(problem)
+    for op, k in ops:
+        value = _apply(op, value, k)
+    return value
+
+
+def worked_solution(problem: Any) -> str:
+    """Reference reasoning trace: one equation per step, steps separated by a blank line, e.g.
+    ``"<think>\\n7 + 5 = 12\\n\\n12 * 3 = 36\\n</think>\\nThe answer is \\\\boxed{36}."``."""
+    value, ops = parse_problem(problem)
+    steps = []
+    for op, k in ops:
+        new = _apply(op, value, k)
+        steps.append(f"{value} {_OP_SYMBOL[op]} {k} = {new}")
+        value = new
+    body = STEP_SEPARATOR.join(steps)
+    return f"{THINK_START}\n{body}\n{THINK_END}\nThe answer is \\boxed{{{value}}}."
+
+
+def make_problems(
+    n: int,
+    seed: int,
+    min_steps: int = 1,
+    max_steps: int = 6,
+    *,
+    split: str = "train",
+    exclude: Iterable[str] = (),
+) -> list[dict]:
+    """Generate ``n`` distinct problems as verl rows.
+
+    The RNG is keyed on ``(seed, split)`` so train and test draw different streams; prompts in
+    ``exclude`` (e.g. the train prompts when making the test split) are never emitted.
+    The number of steps is uniform on ``[min_steps, max_steps]``.
+    """
+    if not 1 <= min_steps <= max_steps:
+        raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+    # A str seed is hashed with SHA-512 by ``random``, so it is stable across processes
+    # (unlike ``hash()``, which is salted per process).
+    rng = random.Random(f"{DATA_SOURCE}:{split}:{seed}")
+    seen = set(exclude)
+    rows: list[dict] = []
+    # Give up after this many duplicates in a row: the requested step range has (nearly) run out
+    # of distinct problems, e.g. thousands of 1-step problems.
+    patience, misses = 10_000, 0
+    while len(rows) < n:
+        if misses >= patience:
+            raise RuntimeError(
+                f"could only find {len(rows)} distinct problems out of {n} "
+                f"(steps {min_steps}..{max_steps}); ask for fewer or allow more steps"
+            )
+        num_steps = rng.randint(min_steps, max_steps)
+        start = rng.randint(0, MAX_START)
+        value, ops = start, []
+        for _ in range(num_steps):
+            op, k = _random_op(rng, value)
+            ops.append((op, k))
+            value = _apply(op, value, k)
+        text = render_prompt(start, ops)
+        if text in seen:
+            misses += 1
+            continue
+        misses = 0
+        seen.add(text)
+        rows.append(
+            {
+                "data_source": DATA_SOURCE,
+                "prompt": [{"role": "user", "content": text}],
+                "ability": ABILITY,
+                "reward_model": {"style": "rule", "ground_truth": str(value)},
+                "extra_info": {
+                    "split": split,
+                    "index": len(rows),
+                    "num_steps": num_steps,
+                    "tier": difficulty_tier(num_steps),
+                },
+            }
+        )
+    return rows
+
+
+def arith_schema() -> pa.Schema:
+    """Explicit parquet schema, so column types never depend on inference from sample rows."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("data_source", pa.string()),
+            ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+            ("ability", pa.string()),
+            ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+            (
+                "extra_info",
+                pa.struct(
+                    [
+                        ("split", pa.string()),
+                        ("index", pa.int64()),
+                        ("num_steps", pa.int64()),
+                        ("tier", pa.int64()),
+                    ]
+                ),
+            ),
+        ]
+    )
+
+
+_ARITH_COLUMNS = frozenset({"data_source", "prompt", "ability", "reward_model", "extra_info"})
+_ARITH_EXTRA_INFO = frozenset({"split", "index", "num_steps", "tier"})
+
+
+def _has_arith_layout(row: dict) -> bool:
+    # Exact key match only: pyarrow silently drops struct keys missing from an explicit schema,
+    # so e.g. a math row with an extra_info["level"] must fall back to inference.
+    return set(row) == _ARITH_COLUMNS and set(row.get("extra_info") or ()) == _ARITH_EXTRA_INFO
+
+
+def write_dataset(rows: Sequence[dict], path: str | Path, schema: pa.Schema | None = None) -> Path:
+    """Write verl rows to parquet.  ``schema`` defaults to :func:`arith_schema` when every row has
+    exactly its columns and ``extra_info`` keys, otherwise it is inferred by pyarrow."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if schema is None and rows and all(_has_arith_layout(r) for r in rows):
+        schema = arith_schema()
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    pq.write_table(table, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``corpus`` and wrap it as a Qwen-like PreTrainedTokenizerFast.
+
+    ``vocab_size`` caps the BPE vocabulary (incl. the three ChatML specials); ``<think>`` and
+    ``</think>`` are appended after it, so ``len(tokenizer) <= vocab_size + 2``.  A small corpus
+    may run out of merges before the cap, which is harmless.
+    """
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        # Full byte alphabet so any text (unicode included) stays encodable.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    # Non-special (like Qwen3): they must survive ``skip_special_tokens=True`` decoding, because
+    # the L2T pipeline parses the think block out of decoded responses.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        bos_token=None,  # Qwen2 tokenizers do not prepend a BOS token
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=DEFAULT_MODEL_CONFIG["max_position_embeddings"],
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides: Any) -> Qwen2ForCausalLM:
+    """Randomly initialised tiny Qwen2ForCausalLM matched to ``tokenizer``.
+
+    ``overrides`` update :data:`DEFAULT_MODEL_CONFIG` (e.g. ``num_hidden_layers=4``).  The
+    initialisation is seeded inside ``fork_rng`` so building a model does not perturb the
+    caller's global torch RNG.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    cfg = dict(DEFAULT_MODEL_CONFIG)
+    cfg.update(
+        vocab_size=len(tokenizer),
+        # Mirrors Qwen2.5: bos is <|endoftext|> in the config even though it is never prepended.
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    cfg.update(overrides)
+    config = Qwen2Config(**cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    return model.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------
+
+
+# The arithmetic prompts alone use only ~30 distinct words, which leaves BPE ~350 tokens.
+# This fixed text adds the vocabulary of free-form reasoning and competition-math answers
+# (what rollouts, paraphrased traces and math-verify tests produce), bringing the vocabulary
+# into the intended ~512-1024 range.  It is repeated in the corpus so min_frequency is met.
+_REASONING_TEXT = """\
+Let me think about this problem step by step. First, we start with the initial value.
+Next, we apply each operation in order. Then we check the result carefully.
+Wait, let me verify that again. Hmm, that does not look right, so I made a mistake.
+Actually, the correct computation is different. Let's recompute the previous step.
+So the current value becomes the new total. Therefore, the final answer is the last number.
+We add, subtract, multiply and divide. The sum, difference, product and quotient are integers.
+Double the number, then take half of it. Twice three is six; two plus two equals four.
+One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, twenty, hundred.
+Zero is even. An odd number plus an odd number gives an even number.
+Since the remainder is zero, the division is exact. This means the value stays positive.
+We have already computed this, which gives the same result. Good, both agree.
+The question asks for the result after all operations. Each step uses the previous value.
+In summary, after the last operation we obtain the answer. I am confident it is correct.
+Alternatively, we could solve the equation for x. Let x be the unknown and y the other.
+Consider the function f(x) and its derivative. The area of the triangle and the circle.
+Compute the probability, the expected value, the ratio and the percentage.
+The fraction simplifies: $\\frac{1}{2} = 0.5$ and $\\frac{3}{4} = 0.75$, $\\sqrt{2}$, $\\pi$.
+Then $a \\cdot b = c$, $2 \\times 3 = 6$, $6 \\div 2 = 3$, $x^2 + y^2 = z^2$, $\\left( 1 + 2 \\right)$.
+Hence the solution is \\boxed{42}. The answer is \\boxed{7}. Thus the answer is \\boxed{\\frac{1}{2}}.
+Note that we should not overthink: a short and correct reasoning is better than a long one.
+The model should stop thinking once the answer is known, and write the answer clearly.
+"""
+
+
+def tokenizer_corpus(seed: int, n: int = TOKENIZER_CORPUS_PROBLEMS) -> list[str]:
+    """Prompts, worked solutions, chat-role words and generic reasoning text."""
+    problems = make_problems(n, seed, split="tokenizer")
+    corpus = ["system", "user", "assistant"] + _REASONING_TEXT.splitlines() * 4
+    for row in problems:
+        corpus.append(row["prompt"][0]["content"])
+        corpus.append(worked_solution(row))
+    return corpus
+
+
+def _paths(output: Path) -> dict[str, Path]:
+    return {
+        "root": output,
+        "model": output / "model",
+        "train": output / "data" / "train.parquet",
+        "test": output / "data" / "test.parquet",
+        "manifest": output / "assets.json",
+    }
+
+
+def _manifest_key(seed: int, train_size: int, val_size: int, vocab_size: int) -> dict[str, int]:
+    return {
+        "version": ASSETS_VERSION,
+        "seed": seed,
+        "train_size": train_size,
+        "val_size": val_size,
+        "requested_vocab_size": vocab_size,
+    }
+
+
+def _is_up_to_date(paths: dict[str, Path], key: dict[str, int]) -> bool:
+    try:
+        manifest = json.loads(paths["manifest"].read_text())
+    except (OSError, ValueError):
+        return False
+    if any(manifest.get(k) != v for k, v in key.items()):
+        return False
+    required = [
+        paths["train"],
+        paths["test"],
+        paths["model"] / "config.json",
+        paths["model"] / "tokenizer.json",
+    ]
+    return all(p.exists() for p in required)
+
+
+def build_all(
+    output: str | Path,
+    seed: int = 0,
+    train_size: int = 512,
+    val_size: int = 64,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    force: bool = False,
+) -> dict[str, Path]:
+    """Build every asset under ``output`` and return their paths
+    (keys: root, model, train, test, manifest).
+
+    Skips work when ``assets.json`` records the same version/seed/sizes and the files exist.
+    """
+    output = Path(output)
+    paths = _paths(output)
+    key = _manifest_key(seed, train_size, val_size, vocab_size)
+    if not force and _is_up_to_date(paths, key):
+        return paths
+
+    train = make_problems(train_size, seed, split="train")
+    test = make_problems(val_size, seed, split="test", exclude=[r["prompt"][0]["content"] for r in train])
+    write_dataset(train, paths["train"])
+    write_dataset(test, paths["test"])
+
+    tokenizer = build_tokenizer(tokenizer_corpus(seed), vocab_size=vocab_size)
+    model = build_model(tokenizer, seed=seed)
+    paths["model"].mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(paths["model"])
+    model.save_pretrained(paths["model"])
+
+    manifest = dict(key)
+    manifest.update(
+        vocab_size=len(tokenizer),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        files={k: str(v.relative_to(output)) for k, v in paths.items() if k not in ("root", "manifest")},
+    )
+    # Written last so that an interrupted build is never mistaken for a complete one.
+    paths["manifest"].write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build offline L2T assets (tiny model + arithmetic data).")
+    parser.add_argument("--output", required=True, help="directory to write model/, data/, assets.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-size", type=int, default=512)
+    parser.add_argument("--val-size", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    parser.add_argument("--force", action="store_true", help="rebuild even if assets.json matches")
+    args = parser.parse_args(argv)
+    paths = build_all(
+        args.output,
+        seed=args.seed,
+        train_size=args.train_size,
+        val_size=args.val_size,
+        vocab_size=args.vocab_size,
+        force=args.force,
+    )
+    json.dump({k: str(v) for k, v in paths.items()}, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""Tests for l2t_verl.assets: offline tokenizer/model/dataset construction."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from l2t_verl import assets
+from l2t_verl.scoring import compute_score
+
+SEED = 3
+TRAIN, VAL = 48, 16
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # Import cost (seconds) is not what the time bound below measures.
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM  # noqa: F401
+
+    start = time.perf_counter()
+    paths = assets.build_all(tmp_path_factory.mktemp("assets"), seed=SEED, train_size=TRAIN, val_size=VAL)
+    # The build itself takes ~0.5 s; the bound is loose so a loaded CI machine does not flake.
+    assert time.perf_counter() - start < 10
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tokenizer(built: dict[str, Path]):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(built["model"])
+
+
+# ------------------------------------------------------------------------------- layout
+
+
+def test_layout_and_manifest(built: dict[str, Path]) -> None:
+    for key in ("model", "train", "test", "manifest"):
+        assert built[key].exists(), key
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (built["model"] / name).exists(), name
+    manifest = json.loads(built["manifest"].read_text())
+    assert manifest["seed"] == SEED
+    assert manifest["train_size"] == TRAIN and manifest["val_size"] == VAL
+    assert manifest["version"] == assets.ASSETS_VERSION
+    assert 100_000 <= manifest["num_parameters"] <= 200_000
+
+
+def test_rebuild_is_skipped_unless_forced(built: dict[str, Path]) -> None:
+    mtime = built["train"].stat().st_mtime_ns
+    assets.build_all(built["root"], seed=SEED, train_size=TRAIN, val_size=VAL)
+    assert built["train"].stat().st_mtime_ns == mtime
+
+
+def test_force_and_changed_request_rebuild(tmp_path: Path) -> None:
+    paths = assets.build_all(tmp_path, seed=0, train_size=8, val_size=4)
+    assert len(pd.read_parquet(paths["train"])) == 8
+    paths = assets.build_all(tmp_path, seed=0, train_size=10, val_size=4)
+    assert len(pd.read_parquet(paths["train"])) == 10
+    mtime = paths["train"].stat().st_mtime_ns
+    time.sleep(0.01)
+    assets.build_all(tmp_path, seed=0, train_size=10, val_size=4, force=True)
+    assert paths["train"].stat().st_mtime_ns != mtime
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = assets.main(["--output", str(tmp_path), "--seed", "1", "--train-size", "8", "--val-size", "4"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert Path(printed["train"]).exists()
+    assert json.loads((tmp_path / "assets.json").read_text())["seed"] == 1
+
+
+# ------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_basics(tokenizer) -> None:
+    assert 512 <= len(tokenizer) <= 1026
+    assert tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    for tok in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        assert tokenizer.convert_tokens_to_ids(tok) is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Start at 7. Add 5. Multiply by 3. What is the result?",
+        assets.worked_solution("Start at 7. Add 5. Multiply by 3. Subtract 4."),
+        "unicode: héllo — 你好 🙂\n\n\ttabs  and  spaces",
+        "",
+    ],
+)
+def test_tokenizer_round_trip(tokenizer, text: str) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+
+
+def test_think_tokens_are_single_and_survive_skip_special(tokenizer) -> None:
+    for tok in ("<think>", "</think>"):
+        ids = tokenizer.encode(tok, add_special_tokens=False)
+        assert len(ids) == 1
+        assert tokenizer.convert_ids_to_tokens(ids[0]) == tok
+    ids = tokenizer.encode("<think>\n1 + 1 = 2\n</think>\nok<|im_end|>", add_special_tokens=False)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>\n1 + 1 = 2\n</think>\nok"
+
+
+def test_chat_template(tokenizer) -> None:
+    messages = [{"role": "user", "content": "Start at 1. Add 2."}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nStart at 1. Add 2.<|im_end|>\n<|im_start|>assistant\n"
+    no_gen = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    assert no_gen == "<|im_start|>user\nStart at 1. Add 2.<|im_end|>\n"
+
+    # transformers 5: tokenize=True returns a BatchEncoding (dict-like) by default ...
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert "input_ids" in enc
+    # ... and a flat list[int] with return_dict=False; verl's normalize_token_ids handles both.
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    assert list(enc["input_ids"]) == ids
+    assert tokenizer.decode(ids) == text
+
+    from verl.utils.tokenizer import normalize_token_ids
+
+    assert normalize_token_ids(enc) == ids
+
+    # verl's multimodal-style list content renders the same.
+    listy = [{"role": "user", "content": [{"type": "text", "text": "Start at 1. Add 2."}]}]
+    assert tokenizer.apply_chat_template(listy, add_generation_prompt=True, tokenize=False) == text
+
+
+# ------------------------------------------------------------------------------- model
+
+
+def test_model_loads_and_runs(built: dict[str, Path], tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(built["model"])
+    cfg = model.config
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert cfg.vocab_size == len(tokenizer)
+    assert cfg.eos_token_id == tokenizer.eos_token_id == model.generation_config.eos_token_id
+    assert cfg.pad_token_id == tokenizer.pad_token_id == model.generation_config.pad_token_id
+    assert cfg.bos_token_id is not None
+    assert cfg.tie_word_embeddings
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert next(model.parameters()).dtype == torch.float32
+    assert 100_000 <= sum(p.numel() for p in model.parameters()) <= 200_000
+
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Start at 1. Add 2."}], add_generation_prompt=True, return_dict=False
+    )
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+        assert logits.shape == (1, len(ids), len(tokenizer))
+        assert torch.isfinite(logits).all()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] <= len(ids) + 5
+
+
+def test_build_model_overrides_and_rng_isolation(tokenizer) -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    model = assets.build_model(tokenizer, seed=0, num_hidden_layers=1)
+    assert torch.rand(1) == before  # building did not consume the caller's RNG
+    assert model.config.num_hidden_layers == 1
+    again = assets.build_model(tokenizer, seed=0, num_hidden_layers=1)
+    other = assets.build_model(tokenizer, seed=1, num_hidden_layers=1)
+    w = model.get_input_embeddings().weight
+    assert torch.equal(w, again.get_input_embeddings().weight)
+    assert not torch.equal(w, other.get_input_embeddings().weight)
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def test_parquet_schema(built: dict[str, Path]) -> None:
+    for key, n, split in (("train", TRAIN, "train"), ("test", VAL, "test")):
+        df = pd.read_parquet(built[key])
+        assert list(df.columns) == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+        assert len(df) == n
+        assert (df["data_source"] == "l2t_arith").all()
+        assert (df["ability"] == "math").all()
+        for i, row in df.iterrows():
+            prompt = list(row["prompt"])
+            assert len(prompt) == 1 and isinstance(prompt[0], dict)
+            assert prompt[0]["role"] == "user" and "\\boxed{}" in prompt[0]["content"]
+            rm = row["reward_model"]
+            assert rm["style"] == "rule" and isinstance(rm["ground_truth"], str)
+            int(rm["ground_truth"])
+            info = row["extra_info"]
+            assert info["split"] == split and info["index"] == i
+            assert 1 <= info["num_steps"] <= 6
+            assert info["tier"] == assets.difficulty_tier(info["num_steps"])
+
+
+def test_train_and_test_are_disjoint(built: dict[str, Path]) -> None:
+    train = {p[0]["content"] for p in pd.read_parquet(built["train"])["prompt"]}
+    test = {p[0]["content"] for p in pd.read_parquet(built["test"])["prompt"]}
+    assert len(train) == TRAIN and len(test) == VAL
+    assert not train & test
+
+
+def test_verl_rlhf_dataset_reads_it(built: dict[str, Path], tokenizer) -> None:
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    config = OmegaConf.create(
+        {
+            "max_prompt_length": 256,
+            "filter_overlong_prompts": True,
+            "filter_overlong_prompts_workers": 1,
+            "cache_dir": str(built["root"] / "cache"),
+        }
+    )
+    ds = RLHFDataset(data_files=[str(built["train"])], tokenizer=tokenizer, config=config)
+    assert len(ds) == TRAIN  # nothing filtered as overlong/unprocessable
+    item = ds[0]
+    assert item["raw_prompt"][0]["role"] == "user"
+    assert item["reward_model"]["ground_truth"] == str(assets.solve(item["raw_prompt"]))
+
+
+def test_worked_solution_format() -> None:
+    text = assets.worked_solution("Start at 7. Add 5. Multiply by 3. Subtract 4. What is the result?")
+    assert text == "<think>\n7 + 5 = 12\n\n12 * 3 = 36\n\n36 - 4 = 32\n</think>\nThe answer is \\boxed{32}."
+    assert assets.worked_solution("Start at 12. Divide by 4.").endswith("\\boxed{3}.")
+
+
+def test_worked_solutions_score_one_for_every_problem(built: dict[str, Path]) -> None:
+    rows = assets.make_problems(500, seed=11)
+    rows += pd.read_parquet(built["train"]).to_dict("records")  # also rows as read back from parquet
+    for row in rows:
+        solution = assets.worked_solution(row)
+        assert solution.count("\n\n") == row["extra_info"]["num_steps"] - 1
+        gt = row["reward_model"]["ground_truth"]
+        assert compute_score(row["data_source"], solution, gt, row["extra_info"]) == 1.0
+        assert (
+            compute_score(row["data_source"], solution.replace(f"{{{gt}}}", f"{{{int(gt) + 1}}}"), gt) == 0.0
+        )
+
+
+def test_problem_invariants() -> None:
+    rows = assets.make_problems(400, seed=5, min_steps=2, max_steps=4)
+    assert len({r["prompt"][0]["content"] for r in rows}) == 400
+    assert {r["extra_info"]["num_steps"] for r in rows} == {2, 3, 4}
+    for r in rows:
+        start, ops = assets.parse_problem(r)
+        assert len(ops) == r["extra_info"]["num_steps"]
+        value = start
+        for op, k in ops:
+            value = assets._apply(op, value, k)
+            assert 0 <= value <= assets.MAX_VALUE + assets.MAX_ADDEND
+        assert str(value) == r["reward_model"]["ground_truth"]
+    tiers = {assets.difficulty_tier(n) for n in range(1, 7)}
+    assert tiers == {1, 2, 3, 4}
+
+
+def test_make_problems_impossible_request_fails_fast() -> None:
+    with pytest.raises(RuntimeError, match="distinct problems"):
+        assets.make_problems(100_000, seed=0, min_steps=1, max_steps=1)
+    with pytest.raises(ValueError):
+        assets.make_problems(1, seed=0, min_steps=3, max_steps=2)
+
+
+# ------------------------------------------------------------------------------- determinism
+
+
+def test_problems_deterministic() -> None:
+    assert assets.make_problems(50, seed=7) == assets.make_problems(50, seed=7)
+    assert assets.make_problems(50, seed=7) != assets.make_problems(50, seed=8)
+    assert assets.make_problems(50, seed=7, split="train") != assets.make_problems(50, seed=7, split="test")
+
+
+def test_build_all_deterministic(built: dict[str, Path], tmp_path: Path) -> None:
+    again = assets.build_all(tmp_path, seed=SEED, train_size=TRAIN, val_size=VAL)
+    for rel in (
+        "data/train.parquet",
+        "data/test.parquet",
+        "model/tokenizer.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "assets.json",
+    ):
+        assert (built["root"] / rel).read_bytes() == (again["root"] / rel).read_bytes(), rel
+
+
+def test_write_dataset_keeps_foreign_extra_info(tmp_path: Path) -> None:
+    row = assets.make_problems(1, seed=0)[0]
+    row["extra_info"] = {**row["extra_info"], "level": "Level 5"}
+    df = pd.read_parquet(assets.write_dataset([row], tmp_path / "x.parquet"))
+    assert df["extra_info"][0]["level"] == "Level 5"
