@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -64,7 +65,7 @@ _RSVD_POWER_ITERS = 4
 _LAYER_INDEX_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 SvdMethod = Literal["auto", "exact", "randomized"]
-PenaltyMethod = Literal["jvp", "finite_difference"]
+PenaltyMethod = Literal["jvp", "forward_ad", "finite_difference"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,6 +491,53 @@ def _directional_derivatives_jvp(model: nn.Module, update: LowRankUpdate, batch:
     return derivative
 
 
+def _directional_derivatives_forward_ad(model: nn.Module, update: LowRankUpdate, batch: _Batch) -> Tensor:
+    """The same one-forward JVP as :func:`_directional_derivatives_jvp`, without replacing any weight.
+
+    For a proxy layer ``y = x W^T + b``, moving W along ``dW_r = U V`` moves its output by
+    ``d y / d e = x dW_r^T = (x V^T) U^T``. A forward hook on each proxy module adds that tangent to
+    the module's output as a forward-mode dual number; every later op carries it to the log-probs.
+    The model's parameters are only read, so this also works where they are sharded and gathered by
+    hooks of their own (FSDP2 in verl's actor), which ``functional_call`` cannot see through.
+    """
+    owners: dict[str, nn.Module] = {}
+    for name in update.names:
+        owner = _proxy_owner(model, name)
+        if not (name.endswith(".weight") and isinstance(getattr(owner, "weight", None), torch.Tensor)
+                and isinstance(owner, nn.Linear)):
+            raise ValueError(f"forward_ad needs proxy weights of nn.Linear modules; {name!r} is not one")
+        owners[name] = owner
+
+    def make_hook(u: Tensor, v: Tensor):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            x = fwad.unpack_dual(args[0]).primal
+            primal, tangent = fwad.unpack_dual(output)
+            added = (x @ v.to(x.dtype).T) @ u.to(x.dtype).T
+            return fwad.make_dual(primal, added if tangent is None else tangent + added)
+
+        return hook
+
+    handles = []
+    try:
+        with fwad.dual_level():
+            for name, owner in owners.items():
+                u, v = update.factors[name]
+                device = owner.weight.device if owner.weight.device.type != "meta" else u.device
+                handles.append(owner.register_forward_hook(make_hook(u.to(device), v.to(device))))
+            kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.kwargs}
+            # Forward AD has no rule for the fused SDPA kernels; the math kernel has one.
+            with sdpa_kernel(SDPBackend.MATH):
+                out = model(**kwargs)
+            logits = out.logits if hasattr(out, "logits") else out
+            derivative = fwad.unpack_dual(_episode_token_logprobs(logits, batch)).tangent
+    finally:
+        for handle in handles:
+            handle.remove()
+    if derivative is None:  # no proxy layer took part in the forward
+        return torch.zeros(int(batch.valid.sum()), device=batch.input_ids.device)
+    return derivative
+
+
 def _is_missing_forward_ad(err: Exception) -> bool:
     # NotImplementedError: an aten op or a setup_context-style autograd.Function without a jvp rule;
     # RuntimeError: an old-style autograd.Function (forward(ctx, ...), e.g. flash_attn's), which
@@ -581,6 +629,9 @@ def episode_penalties(
         a forward-AD rule: fused SDPA kernels have none, so when a proxy precedes an attention layer
         the call is retried once under the math SDPA kernel; other gaps (flash_attn) raise a
         RuntimeError pointing to ``"finite_difference"``.
+      - ``"forward_ad"``: the same single forward-mode pass, with the tangent injected by forward hooks
+        at the proxy layers' outputs (``x dW_r^T``) instead of by replacing the weights. Needs the
+        proxies to be ``nn.Linear`` weights; works on FSDP2-sharded models (the actor's path).
       - ``"finite_difference"``: central difference, two forwards at ``W -+ h * dW_r / ||dW_r||``
         with ``h = eps * max(||W_P||_F, 1)`` (a step relative to the proxy weights, not to the
         update, whose size is set by the learning rate), the P modules run in fp32 (fp64 for fp64
@@ -596,8 +647,10 @@ def episode_penalties(
     """
     if not damping >= 0.0:
         raise ValueError(f"damping must be >= 0, got {damping}")
-    if method not in ("jvp", "finite_difference"):
-        raise ValueError(f"unknown penalty method {method!r}; expected 'jvp' or 'finite_difference'")
+    if method not in ("jvp", "forward_ad", "finite_difference"):
+        raise ValueError(
+            f"unknown penalty method {method!r}; expected 'jvp', 'forward_ad' or 'finite_difference'"
+        )
     if method == "finite_difference" and eps is not None and not eps > 0.0:
         raise ValueError(f"finite-difference eps must be > 0, got {eps}")
     batch = _prepare(
@@ -611,6 +664,8 @@ def episode_penalties(
     with torch.no_grad(), _eval_mode(model):
         if method == "jvp":
             per_token = _directional_derivatives_jvp(model, update, batch)
+        elif method == "forward_ad":
+            per_token = _directional_derivatives_forward_ad(model, update, batch)
         else:
             per_token = _directional_derivatives_fd(model, update, batch, eps)
     inner = _segment_sum(per_token.to(dtype), batch)  # <dW_r, g_k>

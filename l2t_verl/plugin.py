@@ -18,7 +18,12 @@ import logging
 
 logger = logging.getLogger("l2t_verl")
 
-_L2T_MODULES = ("l2t_verl.advantage",)
+_L2T_MODULES = (
+    "l2t_verl.advantage",
+    "l2t_verl.agent_loop",
+    "l2t_verl.reward_manager",
+    "l2t_verl.trainer",
+)
 
 
 def _register_rollout() -> None:

@@ -56,7 +56,6 @@ class PenaltyConfig:
     damping: float = 1e-5
     reference: str = "previous_step"  # previous_step | initial
     normalize: str = "batch_mean"  # batch_mean | none
-    method: str = "jvp"  # jvp | finite_difference
     random_fraction: float = 0.3  # random_layers only
     seed: int = 0
 
@@ -64,7 +63,6 @@ class PenaltyConfig:
         _one_of("l2t.penalty.proxy", self.proxy, ("lowrank_svd", "random_layers"))
         _one_of("l2t.penalty.reference", self.reference, ("previous_step", "initial"))
         _one_of("l2t.penalty.normalize", self.normalize, ("batch_mean", "none"))
-        _one_of("l2t.penalty.method", self.method, ("jvp", "finite_difference"))
         _positive_int("l2t.penalty.rank", self.rank)
         if not (isinstance(self.damping, (int, float)) and self.damping > 0):
             raise L2TConfigError(f"l2t.penalty.damping must be > 0; got {self.damping!r}")

@@ -115,6 +115,28 @@ def test_jvp_matches_exact_float64(regex: str) -> None:
     assert (exact[0] > 0).all() and exact[1, 0] > 0
 
 
+@pytest.mark.parametrize("regex", [LAST_MLP, EARLY])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 1e-3)])
+def test_forward_ad_hooks_match_exact(regex: str, dtype: torch.dtype, tol: float) -> None:
+    model = tiny_model(dtype)
+    update = LowRankUpdate.from_weights(model, perturbed_reference(model, regex), modules=regex, rank=2)
+    ids, mask, episodes = make_batch()
+    before = snapshot(model)
+    fast = episode_penalties(model, update, ids, mask, episodes, damping=1e-3, method="forward_ad")
+    assert rel_err(fast, episode_penalties_exact(model, update, ids, mask, episodes, damping=1e-3)) <= tol
+    assert_unchanged(model, before)
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+
+
+def test_forward_ad_rejects_non_linear_proxies() -> None:
+    model = tiny_model(torch.float64)
+    embed = r"embed_tokens\.weight"
+    update = LowRankUpdate.from_weights(model, perturbed_reference(model, embed), modules=embed, rank=1)
+    ids, mask, episodes = make_batch()
+    with pytest.raises(ValueError, match="nn.Linear"):
+        episode_penalties(model, update, ids, mask, episodes, method="forward_ad")
+
+
 def test_jvp_matches_exact_float32() -> None:
     model = tiny_model(torch.float32)
     update = LowRankUpdate.from_weights(model, perturbed_reference(model, EARLY), modules=EARLY, rank=2)

@@ -1,0 +1,150 @@
+"""Actor side of L2T: the compression penalty (spec 3) computed inside verl's actor workers.
+
+:class:`L2TActorRolloutRefWorker` is verl's own hybrid ``ActorRolloutRefWorker`` with two additions:
+
+- ``compute_l2t_penalty`` (dispatched per data-parallel shard, like ``compute_log_prob``): each rank
+  gathers only the proxy matrices P, builds the rank-r SVD proxy of their update ``dW_r``, and gets every
+  episode's ``<dW_r, g_k>`` from one forward-mode pass per micro-batch over its own samples
+  (:func:`l2t_verl.penalty.episode_penalties`, method ``forward_ad``), then
+  ``p_k = <dW_r, g_k>^2 + damping * ||dW_r||^2``;
+- ``update_actor`` first copies P (only P) as the reference of the next step's update
+  (``reference: previous_step``).
+
+The trainer (:mod:`l2t_verl.trainer`) swaps this class in for verl's; nothing in verl is patched. This
+module never imports the rollout side.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tensordict import TensorDict
+from torch.distributed.tensor import DTensor
+from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
+from verl.utils import tensordict_utils as tu
+from verl.workers.engine_workers import ActorRolloutRefWorker
+
+from l2t_verl.penalty import (
+    LowRankUpdate,
+    episode_penalties,
+    last_layer_mlp_regex,
+    random_layer_regex,
+    select_proxy_params,
+)
+
+logger = logging.getLogger(__name__)
+
+PENALTY_SETTINGS_KEY = "l2t_penalty_settings"  # non-tensor entry the trainer attaches to the batch
+EPISODE_IDS_KEY = "l2t_episode_ids"  # per response token: episode index, -1 for the tail
+PENALTY_KEY = "l2t_penalty_raw"  # output: [B, K_max] raw penalties
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    # full_tensor() is a collective over the FSDP mesh: every rank must call it, in the same order.
+    value = param.full_tensor() if isinstance(param, DTensor) else param
+    return value.detach().to(torch.float32).clone()
+
+
+def proxy_regex(module: torch.nn.Module, settings: dict) -> str:
+    """The proxy set P of spec 3 / 6: an explicit regex, the last layer's MLP, or random layers."""
+    if settings.get("modules"):
+        return settings["modules"]
+    if settings.get("proxy") == "random_layers":
+        return random_layer_regex(module, fraction=settings["random_fraction"], seed=settings["seed"])
+    return last_layer_mlp_regex(module)
+
+
+def padded_penalty_batch(data: TensorDict) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``input_ids, attention_mask, position_ids, episode_ids`` from verl's jagged batch.
+
+    verl keeps each sample as one unpadded prompt+response sequence; the response is its tail, and
+    ``l2t_episode_ids`` holds one entry per response token.
+    """
+    input_ids = data["input_ids"]
+    positions = data["position_ids"]
+    episodes = data[EPISODE_IDS_KEY]
+    seqs = input_ids.unbind(0) if input_ids.is_nested else list(input_ids)
+    pos = positions.unbind(0) if positions.is_nested else list(positions)
+    eps = episodes.unbind(0) if episodes.is_nested else list(episodes)
+    width = max(int(s.shape[-1]) for s in seqs)
+    batch = len(seqs)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    position_ids = torch.zeros(batch, width, dtype=torch.long)
+    episode_ids = torch.full((batch, width), -1, dtype=torch.long)
+    for i, (seq, p, ep) in enumerate(zip(seqs, pos, eps, strict=True)):
+        n, r = int(seq.shape[-1]), int(ep.shape[-1])
+        if r > n - 1:
+            raise ValueError(f"sample {i}: {r} episode ids for a sequence of {n} tokens")
+        ids[i, :n] = seq
+        mask[i, :n] = 1
+        position_ids[i, :n] = p.reshape(-1)[:n]
+        episode_ids[i, n - r : n] = ep
+    return ids, mask, position_ids, episode_ids
+
+
+class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
+    """verl's hybrid actor/rollout/ref worker plus the L2T compression penalty."""
+
+    _l2t_settings: dict | None = None
+    _l2t_reference: dict[str, torch.Tensor] | None = None
+
+    def _l2t_proxy(self) -> dict[str, torch.nn.Parameter]:
+        module = self.actor.engine.module
+        return select_proxy_params(module, proxy_regex(module, self._l2t_settings))
+
+    def _l2t_snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: _full(p) for name, p in sorted(self._l2t_proxy().items())}
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def compute_l2t_penalty(self, data: TensorDict) -> TensorDict:
+        settings = tu.get_non_tensor_data(data=data, key=PENALTY_SETTINGS_KEY, default=None)
+        if settings is None:
+            raise KeyError(f"compute_l2t_penalty needs the non-tensor entry {PENALTY_SETTINGS_KEY!r}")
+        self._l2t_settings = dict(settings)
+        current = self._l2t_snapshot()
+        if self._l2t_reference is None and settings["reference"] == "initial":
+            self._l2t_reference = {k: v.clone() for k, v in current.items()}
+        k_max = int(settings["max_episodes"])
+        batch = len(data)
+        if self._l2t_reference is None:
+            # Step 1 under `previous_step`: no update yet, so every penalty is exactly 0 (spec 3).
+            return TensorDict({PENALTY_KEY: torch.zeros(batch, k_max)}, batch_size=[batch])
+
+        update = LowRankUpdate.from_tensors(
+            current, self._l2t_reference, rank=int(settings["rank"]), seed=int(settings["seed"])
+        )
+        ids, mask, position_ids, episode_ids = padded_penalty_batch(data)
+        module = self.actor.engine.module
+        device = next(module.parameters()).device
+        micro = int(settings.get("micro_batch_size") or batch)
+        chunks = []
+        with self.actor.engine.eval_mode():
+            for start in range(0, batch, micro):
+                rows = slice(start, start + micro)
+                chunks.append(
+                    episode_penalties(
+                        module,
+                        update,
+                        ids[rows].to(device),
+                        mask[rows].to(device),
+                        episode_ids[rows].to(device),
+                        damping=float(settings["damping"]),
+                        method="forward_ad",
+                        position_ids=position_ids[rows].to(device),
+                        forward_kwargs={"use_cache": False},
+                        k_max=k_max,
+                    )
+                    .float()
+                    .cpu()
+                )
+        penalties = torch.cat(chunks)
+        return TensorDict({PENALTY_KEY: penalties}, batch_size=[batch])
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def update_actor(self, data: TensorDict) -> TensorDict:
+        if self._l2t_settings is not None and self._l2t_settings["reference"] == "previous_step":
+            # W_ref of the next step's penalty = P as it is before this step's optimizer update.
+            self._l2t_reference = self._l2t_snapshot()
+        return super().update_actor(data)
