@@ -150,8 +150,8 @@ class L2TTrainer(PPOTrainerSync):
         uid = np.array(padded.pop("uid").tolist(), dtype=object)
         response_mask = padded["response_mask"]
         scores = padded["rm_scores"].float()
-        outcome = (scores * response_mask).sum(-1)  # r_out sits on the last token
         ends, extras, lengths = self._episode_ends(batch)
+        outcome = self._outcomes(extras, scores, lengths)
 
         k_max = self.l2t.episodes.max_episodes
         n = len(batch)
@@ -196,6 +196,17 @@ class L2TTrainer(PPOTrainerSync):
             self._l2t_metrics(extras, ends, exists, raw, p_hat, process, outcome, lengths, nonfinite)
         )
         return batch
+
+    @staticmethod
+    def _outcomes(extras: list[dict], scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """r_out per sample: the ``l2t`` reward manager's ``l2t_outcome``; with any other manager, the
+        scalar verl put on the last response token."""
+        last = scores[torch.arange(len(extras)), (lengths - 1).clamp(min=0)]
+        values = []
+        for i, x in enumerate(extras):
+            info = x.get("reward_extra_info") or {}
+            values.append(float(info["l2t_outcome"]) if "l2t_outcome" in info else float(last[i]))
+        return torch.tensor(values, dtype=torch.float32)
 
     def _l2t_metrics(self, extras, ends, exists, raw, p_hat, process, outcome, lengths, nonfinite) -> dict:
         """Spec 7: what every step reports under ``l2t/``."""
