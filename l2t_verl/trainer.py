@@ -160,7 +160,7 @@ class L2TTrainer(PPOTrainerSync):
         for i, (x, e) in enumerate(zip(extras, ends, strict=True)):
             exists[i, : len(e)] = True
             dj = x.get("l2t_delta_j") or []
-            if self.l2t.progress_active and not x.get("l2t_probe_failed") and len(dj) == len(e):
+            if self.l2t.progress_active and len(dj) == len(e):
                 delta_j[i, : len(e)] = torch.tensor(dj, dtype=torch.float32)
         if self.l2t.penalty_active:
             raw = padded[PENALTY_KEY].float()[:, :k_max]
@@ -169,7 +169,10 @@ class L2TTrainer(PPOTrainerSync):
         else:
             raw = p_hat = torch.zeros(n, k_max)
             nonfinite = 0
-        process = torch.where(exists, delta_j - self.l2t.beta * p_hat, torch.zeros_like(delta_j))
+        # Spec 8: a response whose probes failed gets no process reward at all (outcome only).
+        failed = torch.tensor([self.l2t.progress_active and bool(x.get("l2t_probe_failed")) for x in extras])
+        rewarded = exists & ~failed[:, None]
+        process = torch.where(rewarded, delta_j - self.l2t.beta * p_hat, torch.zeros_like(delta_j))
 
         # Dense token rewards (spec 4): r_out on the last valid token, alpha * r_k on episode k's last.
         rewards = torch.zeros_like(scores)

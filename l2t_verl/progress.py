@@ -1,0 +1,383 @@
+"""J_r probes at the episode boundaries of one response (L2T_SPEC.md section 2).
+
+For a response cut into episodes with END token indices ``ends`` (``l2t_verl.episodes``), the
+probe before episode ``k+1`` (k = 0..K) is::
+
+    prompt_ids + response_ids[:b_k] + force_ids        b_0 = 0, b_k = ends[k-1]
+
+and ``J_r`` at that state is the probability that the policy answers correctly when forced to
+answer there. ``delta_J_k = J_r(b_k) - J_r(b_{k-1})`` for k = 1..K.
+
+Estimators (``l2t.progress.estimator``):
+
+- ``likelihood``: ``J_r = exp(sum log p(answer ids | probe))`` with answer ids = the tokenization
+  of ``ground_truth + answer_suffix``, scored prefill-only through vLLM's ``prompt_logprobs``
+  convention (``TokenOutput.extra_fields["prompt_logprobs"][i]`` = ``[log p(token i+1)]``, last
+  entry a dummy). verl's vLLM server and the local ``hf`` server both return that format.
+- ``sampling``: M forced continuations per probe (separate requests, distinct seeds), each
+  scored by the outcome verifier on ``force_suffix + decoded continuation``; ``J_r`` = fraction
+  scoring >= 0.5 (the verifiers here are {0, 1}). A verifier exception or timeout counts as
+  incorrect and is counted in ``verifier_errors``.
+
+Token ids are never re-tokenized: the force suffix and the answer are tokenized once, on their
+own, and concatenated to the sampled ids (spec 1: BPE does not round-trip).
+
+K = 0 (empty response or empty reasoning span): no probe is sent and ``jr == delta_j == []``;
+there is no episode to credit, so ``J_0`` alone would only cost a request.
+
+A failed probe request (exception, aborted request, malformed reply, or the whole set running
+past ``timeout_s``) gives ``failed=True`` with ``jr == delta_j == []``: that response gets the
+outcome reward only (spec 8). Nothing here raises for a bad probe.
+
+This module talks to the server through a plain ``generate(prompt_ids, sampling_params)``
+coroutine, so it runs against verl's ``LLMServerClient``, the local ``hf`` server, or a test stub.
+It must not import the actor side (penalty / worker extensions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from l2t_verl.settings import ProgressConfig
+
+__all__ = [
+    "DEFAULT_VERIFIER_TIMEOUT_S",
+    "GenerateFn",
+    "ProbeError",
+    "ProgressResult",
+    "VerifierFn",
+    "answer_token_ids",
+    "compute_progress",
+    "deltas",
+    "force_token_ids",
+    "ground_truth_text",
+    "likelihood_from_prompt_logprobs",
+    "probe_boundaries",
+    "probe_prompts",
+]
+
+GenerateFn = Callable[[list[int], dict[str, Any]], Awaitable[Any]]
+"""``await generate(prompt_ids, sampling_params)`` -> an object with ``token_ids`` and ``extra_fields``
+(verl's ``TokenOutput``)."""
+
+VerifierFn = Callable[..., Any]
+"""``verifier(data_source, solution_str, ground_truth, extra_info)`` -> float or ``{"score": float}``."""
+
+DEFAULT_VERIFIER_TIMEOUT_S = 10.0
+# Continuations scored at or above this count as correct; the project's verifiers return 0 or 1.
+_CORRECT_THRESHOLD = 0.5
+
+
+class ProbeError(RuntimeError):
+    """A probe reply that cannot be used (aborted, malformed, non-finite)."""
+
+
+@dataclass
+class ProgressResult:
+    """J_r probes of one response.
+
+    jr: K+1 values in [0, 1] (``J_r`` before episode 1, after episode 1, ..., after episode K);
+        empty when K = 0 or the probes failed.
+    delta_j: K values ``jr[k] - jr[k-1]``; empty when K = 0 or the probes failed.
+    probe_tokens: tokens the server had to compute for the probes (prompt tokens not served from
+        its prefix cache, per ``num_cached_tokens`` when reported, plus generated tokens).
+    probe_time_s: wall time of the probe round trip for this response.
+    failed / error: a probe request failed; the response gets the outcome reward only.
+    verifier_errors: verifier exceptions/timeouts (sampling estimator), each scored incorrect.
+    """
+
+    jr: list[float] = field(default_factory=list)
+    delta_j: list[float] = field(default_factory=list)
+    probe_tokens: int = 0
+    probe_time_s: float = 0.0
+    failed: bool = False
+    error: str | None = None
+    verifier_errors: int = 0
+
+
+def probe_boundaries(episode_ends: Sequence[int]) -> list[int]:
+    """Response prefix lengths probed: ``[0, *episode_ends]`` (K+1 values; ``[]`` when K = 0)."""
+    ends = [int(e) for e in episode_ends]
+    return [0, *ends] if ends else []
+
+
+def probe_prompts(
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[int],
+    episode_ends: Sequence[int],
+    force_ids: Sequence[int],
+) -> list[list[int]]:
+    """``prompt_ids + response_ids[:b_k] + force_ids`` for every boundary ``b_k``."""
+    prompt, response, force = (list(map(int, x)) for x in (prompt_ids, response_ids, force_ids))
+    bounds = probe_boundaries(episode_ends)
+    if bounds and (
+        any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)) or bounds[-1] > len(response)
+    ):
+        raise ValueError(
+            f"episode_ends must be strictly increasing within [1, {len(response)}]; got {list(episode_ends)}"
+        )
+    return [prompt + response[:b] + force for b in bounds]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return [int(t) for t in ids]
+
+
+def force_token_ids(tokenizer: Any, cfg: ProgressConfig) -> list[int]:
+    """The force suffix, tokenized on its own (it is appended to sampled ids, never merged with them)."""
+    return _encode(tokenizer, cfg.force_suffix)
+
+
+def ground_truth_text(ground_truth: Any) -> str | None:
+    """The answer string a probe should produce, or ``None`` when there is no usable one.
+
+    Strings and numbers are used as they are; for a list of acceptable answers the first one is
+    the probe target (the likelihood estimator needs one token sequence).
+    """
+    if hasattr(ground_truth, "tolist") and not isinstance(ground_truth, str):
+        ground_truth = ground_truth.tolist()  # numpy/torch values from a parquet row
+    if isinstance(ground_truth, (list, tuple)):
+        return ground_truth_text(ground_truth[0]) if ground_truth else None
+    if ground_truth is None or isinstance(ground_truth, bool):
+        return None
+    text = str(ground_truth)
+    return text if text.strip() else None
+
+
+def answer_token_ids(tokenizer: Any, ground_truth: str, cfg: ProgressConfig) -> list[int]:
+    """``ground_truth + answer_suffix`` tokenized on its own (spec 2: ``y*`` plus the closing ``}``)."""
+    return _encode(tokenizer, ground_truth + cfg.answer_suffix)
+
+
+def deltas(jr: Sequence[float]) -> list[float]:
+    """``delta_J_k = J_r[k] - J_r[k-1]`` for k = 1..K."""
+    return [float(b) - float(a) for a, b in zip(jr, jr[1:], strict=False)]
+
+
+def likelihood_from_prompt_logprobs(prompt_logprobs: Sequence[Any], total_len: int, answer_len: int) -> float:
+    """``exp(sum log p(answer))`` from a ``prompt_logprobs`` reply over ``probe + answer`` ids.
+
+    Entry ``i`` holds ``[log p(token i+1)]`` and the last entry is a dummy, so the answer tokens
+    at positions ``total_len - answer_len .. total_len - 1`` are entries
+    ``total_len - answer_len - 1 .. total_len - 2``.
+    """
+    if answer_len < 1 or total_len <= answer_len:
+        raise ProbeError(f"cannot score {answer_len} answer tokens in a sequence of {total_len}")
+    if prompt_logprobs is None or len(prompt_logprobs) != total_len:
+        got = None if prompt_logprobs is None else len(prompt_logprobs)
+        raise ProbeError(f"prompt_logprobs must have one entry per prompt token ({total_len}); got {got}")
+    total = 0.0
+    for entry in prompt_logprobs[total_len - answer_len - 1 : total_len - 1]:
+        value = entry[0] if isinstance(entry, (list, tuple)) else entry
+        if value is None:
+            raise ProbeError("prompt_logprobs has no log-prob for an answer token")
+        value = float(value)
+        if math.isnan(value) or value > 1e-6:
+            raise ProbeError(f"prompt_logprobs holds an invalid log-prob {value!r}")
+        total += value
+    return min(1.0, max(0.0, math.exp(total)))
+
+
+def _extra(output: Any) -> dict:
+    extra = getattr(output, "extra_fields", None)
+    if extra is None and isinstance(output, dict):
+        extra = output.get("extra_fields")
+    return extra or {}
+
+
+def _check_not_aborted(output: Any) -> None:
+    if getattr(output, "stop_reason", None) in ("aborted", "abort"):
+        raise ProbeError("probe request was aborted by the rollout server")
+
+
+def _computed_tokens(output: Any, prompt_len: int) -> int:
+    cached = _extra(output).get("num_cached_tokens")
+    new_prompt = prompt_len - int(cached) if isinstance(cached, (int, float)) and cached >= 0 else prompt_len
+    return max(0, new_prompt) + len(getattr(output, "token_ids", None) or [])
+
+
+def _default_verifier() -> VerifierFn:
+    from l2t_verl.scoring import compute_score
+
+    return compute_score
+
+
+def _score_value(result: Any) -> float:
+    if isinstance(result, dict):
+        result = result["score"]
+    value = float(result)
+    if not math.isfinite(value):
+        raise ValueError(f"verifier returned a non-finite score {value!r}")
+    return value
+
+
+async def _likelihood_probe(
+    generate: GenerateFn, probe: list[int], answer: list[int], max_tokens: int
+) -> tuple[float, int, int]:
+    ids = probe + answer
+    # vLLM rejects max_tokens=0, so portable callers send 1 greedy token; the local hf server
+    # takes 0 and then skips generation entirely (see compute_progress(score_max_tokens=...)).
+    params = {"prompt_logprobs": 0, "max_tokens": max_tokens, "temperature": 0.0}
+    output = await generate(ids, params)
+    _check_not_aborted(output)
+    jr = likelihood_from_prompt_logprobs(_extra(output).get("prompt_logprobs"), len(ids), len(answer))
+    return jr, _computed_tokens(output, len(ids)), 0
+
+
+async def _run_verifier(verifier: VerifierFn, timeout_s: float, *args: Any) -> float:
+    if inspect.iscoroutinefunction(verifier):
+        pending = verifier(*args)
+    else:
+        # In a thread: verifiers are synchronous and may be slow (sympy), and the rollout
+        # worker's event loop is shared by every in-flight response.
+        pending = asyncio.get_running_loop().run_in_executor(None, lambda: verifier(*args))
+    return _score_value(await asyncio.wait_for(pending, timeout_s))
+
+
+async def _gather_all_or_cancel(coros: list[Awaitable[Any]]) -> list[Any]:
+    """``asyncio.gather`` that cancels the siblings when one fails, so no request is orphaned."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _sampling_probe(
+    generate: GenerateFn,
+    probe: list[int],
+    cfg: ProgressConfig,
+    seeds: list[int],
+    decode: Callable[[list[int]], str],
+    verify: Callable[[str], Awaitable[float]],
+) -> tuple[float, int, int]:
+    outputs = await _gather_all_or_cancel(
+        [
+            generate(probe, {"temperature": cfg.temperature, "max_tokens": cfg.max_answer_tokens, "seed": s})
+            for s in seeds
+        ]
+    )
+    tokens = 0
+    for out in outputs:
+        _check_not_aborted(out)
+        tokens += _computed_tokens(out, len(probe))
+    texts = [cfg.force_suffix + decode([int(t) for t in (out.token_ids or [])]) for out in outputs]
+    scores = await asyncio.gather(*(verify(text) for text in texts), return_exceptions=True)
+    errors = sum(isinstance(s, BaseException) for s in scores)
+    correct = sum(1 for s in scores if not isinstance(s, BaseException) and s >= _CORRECT_THRESHOLD)
+    return correct / len(seeds), tokens, errors
+
+
+async def compute_progress(
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[int],
+    episode_ends: Sequence[int],
+    ground_truth: Any,
+    cfg: ProgressConfig,
+    tokenizer: Any,
+    generate: GenerateFn,
+    *,
+    data_source: str | None = None,
+    extra_info: dict | None = None,
+    verifier: VerifierFn | None = None,
+    verifier_timeout_s: float = DEFAULT_VERIFIER_TIMEOUT_S,
+    score_max_tokens: int = 1,
+    seed: int | None = None,
+) -> ProgressResult:
+    """J_r at every episode boundary of one response, all K+1 probes in flight at once.
+
+    Args:
+        prompt_ids / response_ids: the ids the policy saw and sampled (never re-tokenized).
+        episode_ends: ``l2t_verl.episodes.segment_episodes(response_ids, ...)``.
+        ground_truth: ``reward_model.ground_truth`` of the row (see :func:`ground_truth_text`).
+        cfg: ``l2t.progress``.
+        generate: ``await generate(prompt_ids, sampling_params)`` on the server that generated
+            the response (same replica, so its prefix cache holds the response).
+        data_source / extra_info / verifier: for the ``sampling`` estimator; the verifier
+            defaults to ``l2t_verl.scoring.compute_score``.
+        verifier_timeout_s: per verifier call (sampling estimator); a timeout is a verifier error.
+        score_max_tokens: ``max_tokens`` of likelihood probes: 1 for vLLM (which rejects 0),
+            0 for the local hf server (prefill only).
+        seed: base seed of the sampling estimator's requests; random when ``None``.
+
+    Never raises for a failed probe: see :class:`ProgressResult`.
+    """
+    start = time.perf_counter()
+    bounds = probe_boundaries(episode_ends)
+    if not bounds:
+        return ProgressResult()
+    try:
+        prompts = probe_prompts(prompt_ids, response_ids, episode_ends, force_token_ids(tokenizer, cfg))
+        target = ground_truth_text(ground_truth)
+        if target is None:
+            raise ProbeError(f"no usable ground truth for the J_r probes: {ground_truth!r}")
+    except Exception as exc:  # a bad row or tokenizer must not take the rollout down
+        return ProgressResult(failed=True, error=f"{type(exc).__name__}: {exc}")
+
+    verifier_errors = 0
+    if cfg.estimator == "likelihood":
+        answer = answer_token_ids(tokenizer, target, cfg)
+        coros = [_likelihood_probe(generate, p, answer, score_max_tokens) for p in prompts]
+    else:
+        verify_fn = verifier or _default_verifier()
+        base = random.getrandbits(30) if seed is None else int(seed)
+        m = cfg.num_samples
+
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        async def verify(text: str) -> float:
+            return await _run_verifier(
+                verify_fn, verifier_timeout_s, data_source, text, ground_truth, extra_info
+            )
+
+        coros = [
+            _sampling_probe(generate, p, cfg, [base + k * m + j for j in range(m)], decode, verify)
+            for k, p in enumerate(prompts)
+        ]
+
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=cfg.timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        # Also on our own cancellation: no probe may outlive the response it belongs to.
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+    elapsed = time.perf_counter() - start
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    failures = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+    if failures or pending:
+        error = (
+            f"{type(failures[0]).__name__}: {failures[0]}"
+            if failures
+            else f"TimeoutError: {len(pending)} of {len(tasks)} probes unfinished after {cfg.timeout_s}s"
+        )
+        return ProgressResult(failed=True, error=error, probe_time_s=elapsed)
+
+    jr: list[float] = []
+    probe_tokens = 0
+    for task in tasks:
+        value, tokens, errors = task.result()
+        jr.append(float(value))
+        probe_tokens += int(tokens)
+        verifier_errors += int(errors)
+    return ProgressResult(
+        jr=jr,
+        delta_j=deltas(jr),
+        probe_tokens=probe_tokens,
+        probe_time_s=elapsed,
+        verifier_errors=verifier_errors,
+    )

@@ -1,0 +1,377 @@
+"""J_r probes (spec 2): likelihood against a brute-force forward pass through the real hf server,
+sampling against stubs, concurrency, failures, K = 0 and prefix-cache reuse."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from l2t_verl.progress import (
+    ProbeError,
+    ProgressResult,
+    compute_progress,
+    force_token_ids,
+    ground_truth_text,
+    likelihood_from_prompt_logprobs,
+    probe_prompts,
+)
+from l2t_verl.scoring import extract_boxed
+from l2t_verl.settings import ProgressConfig
+
+LIKELIHOOD = ProgressConfig(estimator="likelihood")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from l2t_verl.assets import build_all
+
+    # One shared directory: build_all skips the rebuild when its manifest matches, so the other
+    # test modules that ask for the same assets reuse them.
+    return str(
+        build_all(tmp_path_factory.getbasetemp() / "l2t_assets", seed=0, train_size=16, val_size=4)["model"]
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+async def launch_hf_server(model_dir: str, prompt_length: int = 256, response_length: int = 64):
+    """The real ``hf`` rollout server, in-process (no Ray): same request path as in training."""
+    from l2t_verl.local.hf_server import HFRolloutServer
+
+    rollout = OmegaConf.create(
+        {
+            "_target_": "verl.workers.config.RolloutConfig",
+            "name": "hf",
+            "prompt_length": prompt_length,
+            "response_length": response_length,
+            "tensor_model_parallel_size": 1,
+            "free_cache_engine": False,
+        }
+    )
+    model_cfg = OmegaConf.create({"_target_": "verl.workers.config.HFModelConfig", "path": model_dir})
+    server = HFRolloutServer(config=rollout, model_config=model_cfg)
+    await server.launch_server()
+    return server
+
+
+def chat_prompt(tokenizer, text: str = "Start at 8. Add 3. What is the result?") -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+
+
+def brute_force_jr(model, prompt, response, ends, force, answer) -> list[float]:
+    """exp(sum log p(answer | prompt + response[:b] + force)) by one plain forward per boundary."""
+    out = []
+    for b in [0, *ends]:
+        ids = list(prompt) + list(response[:b]) + list(force) + list(answer)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        logps = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        out.append(math.exp(float(logps[-len(answer) :].sum())))
+    return out
+
+
+def token_output(token_ids=(), **extra) -> SimpleNamespace:
+    return SimpleNamespace(token_ids=list(token_ids), stop_reason="completed", extra_fields=dict(extra))
+
+
+def fake_prompt_logprobs(n: int, value: float = -0.1) -> list[list[float]]:
+    return [[value]] * (n - 1) + [[0.0]]
+
+
+# ------------------------------------------------------------------------------------------ likelihood
+
+
+@pytest.mark.parametrize("score_max_tokens", [0, 1])
+async def test_likelihood_equals_brute_force_and_reuses_the_prefix_cache(
+    model_dir, model, tokenizer, score_max_tokens
+):
+    server = await launch_hf_server(model_dir)
+    prompt = chat_prompt(tokenizer)
+    generated = await server.generate(
+        prompt, {"temperature": 1.0, "max_tokens": 24, "seed": 7, "ignore_eos": True}, "gen"
+    )
+    response = generated.token_ids
+    ends = [5, 12, 24]
+    stats_before = dict(server.engine.stats)
+
+    async def generate(ids, params):
+        return await server.generate(ids, params, "probe")
+
+    result = await compute_progress(
+        prompt, response, ends, "11", LIKELIHOOD, tokenizer, generate, score_max_tokens=score_max_tokens
+    )
+    assert not result.failed, result.error
+    force = force_token_ids(tokenizer, LIKELIHOOD)
+    answer = tokenizer.encode("11}", add_special_tokens=False)
+    expected = brute_force_jr(model, prompt, response, ends, force, answer)
+    torch.testing.assert_close(torch.tensor(result.jr), torch.tensor(expected), rtol=1e-4, atol=0)
+    assert all(0.0 <= j <= 1.0 for j in result.jr)
+    assert result.delta_j == [b - a for a, b in zip(result.jr, result.jr[1:], strict=False)]
+    assert len(result.delta_j) == len(ends)
+
+    # Prefix reuse: each probe recomputes ~ its force + answer (+1 bridging token), not the response.
+    # The probe after the LAST token costs one more: the server never fed its final sampled token.
+    scored = server.engine.stats["score_tokens"] - stats_before["score_tokens"]
+    cached = server.engine.stats["score_cached_tokens"] - stats_before["score_cached_tokens"]
+    per_probe = len(force) + len(answer) + 1
+    assert (len(force) + len(answer)) * 4 <= scored <= per_probe * 4 + 1
+    assert cached >= sum(len(prompt) + min(b, len(response) - 1) - 1 for b in [0, *ends])
+    generated_tokens = 4 * score_max_tokens
+    assert result.probe_tokens == scored + generated_tokens
+
+
+def test_likelihood_from_prompt_logprobs_uses_the_answer_positions():
+    # ids: 5 probe tokens + 2 answer tokens; entry i is log p(token i+1); last entry is a dummy.
+    lps = [[-9.0], [-9.0], [-9.0], [-9.0], [-0.5], [-0.25], [0.0]]
+    assert likelihood_from_prompt_logprobs(lps, total_len=7, answer_len=2) == pytest.approx(math.exp(-0.75))
+    with pytest.raises(ProbeError, match="one entry per prompt token"):
+        likelihood_from_prompt_logprobs(lps[:-1], total_len=7, answer_len=2)
+
+
+def test_probe_prompts_append_force_ids_to_sampled_ids():
+    prompts = probe_prompts([1, 2], [10, 11, 12, 13], [1, 3], [99, 98])
+    assert prompts == [[1, 2, 99, 98], [1, 2, 10, 99, 98], [1, 2, 10, 11, 12, 99, 98]]
+    with pytest.raises(ValueError):
+        probe_prompts([1], [10, 11], [1, 5], [99])
+
+
+def test_ground_truth_text():
+    import numpy as np
+
+    assert ground_truth_text("42") == "42"
+    assert ground_truth_text(7) == "7"
+    assert ground_truth_text(np.array(["3", "three"], dtype=object)) == "3"
+    assert ground_truth_text(["\\frac{1}{2}", "0.5"]) == "\\frac{1}{2}"
+    assert (
+        ground_truth_text(None) is None and ground_truth_text("  ") is None and ground_truth_text([]) is None
+    )
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def sampling_stub(tokenizer, prompt_len, ends, correct_per_probe, m, base_seed, wrong="7}"):
+    """Probe k's j-th sample (seed base + k*m + j) answers "42}" when j < correct_per_probe[k]."""
+    calls = []
+    force_len = len(force_token_ids(tokenizer, ProgressConfig()))
+    boundary_of_len = {prompt_len + b + force_len: k for k, b in enumerate([0, *ends])}
+    right_ids = tokenizer.encode("42}", add_special_tokens=False)
+    wrong_ids = tokenizer.encode(wrong, add_special_tokens=False)
+
+    async def generate(ids, params):
+        calls.append((list(ids), dict(params)))
+        offset = params["seed"] - base_seed
+        k, j = divmod(offset, m)
+        assert boundary_of_len[len(ids)] == k  # seeds are laid out probe by probe
+        return token_output(
+            right_ids if j < correct_per_probe[k] else wrong_ids, num_cached_tokens=len(ids) - 3
+        )
+
+    return generate, calls
+
+
+async def test_sampling_estimator_counts_correct_forced_answers(tokenizer):
+    cfg = ProgressConfig(estimator="sampling", num_samples=4, max_answer_tokens=5, temperature=0.7)
+    prompt, response, ends = [1, 2, 3], list(range(10, 30)), [4, 9, 20]
+    generate, calls = sampling_stub(tokenizer, len(prompt), ends, [0, 1, 3, 4], m=4, base_seed=1000)
+    result = await compute_progress(
+        prompt, response, ends, "42", cfg, tokenizer, generate, data_source="l2t_arith", seed=1000
+    )
+    # default verifier: l2t_verl.scoring.compute_score on force_suffix + continuation
+    assert not result.failed, result.error
+    assert result.jr == [0.0, 0.25, 0.75, 1.0]
+    assert result.delta_j == [0.25, 0.5, 0.25]
+    assert result.verifier_errors == 0
+    assert len(calls) == 4 * 4
+    assert len({c[1]["seed"] for c in calls}) == 16
+    assert all(c[1]["temperature"] == 0.7 and c[1]["max_tokens"] == 5 for c in calls)
+    continuation = len(tokenizer.encode("42}", add_special_tokens=False))
+    assert result.probe_tokens >= 16 * 3  # 3 uncached prompt tokens per request, plus its continuation
+    assert result.probe_tokens <= 16 * (3 + max(continuation, 2))
+
+
+async def test_sampling_verifier_errors_count_as_incorrect(tokenizer):
+    cfg = ProgressConfig(estimator="sampling", num_samples=2)
+    prompt, response, ends = [1, 2], list(range(10, 20)), [5]
+    generate, _ = sampling_stub(tokenizer, len(prompt), ends, [2, 1], m=2, base_seed=0, wrong="13}")
+    seen_texts = []
+
+    def verifier(data_source, text, ground_truth, extra_info):
+        seen_texts.append(text)
+        if extract_boxed(text) == "13":
+            raise RuntimeError("verifier crashed")
+        return {"score": 1.0 if extract_boxed(text) == ground_truth else 0.0}
+
+    result = await compute_progress(
+        prompt, response, ends, "42", cfg, tokenizer, generate, verifier=verifier, seed=0
+    )
+    assert not result.failed
+    assert result.jr == [1.0, 0.5] and result.delta_j == [-0.5]
+    assert result.verifier_errors == 1
+    assert all(t.startswith(cfg.force_suffix) for t in seen_texts)
+
+
+async def test_sampling_verifier_timeout_counts_as_error(tokenizer):
+    import time
+
+    cfg = ProgressConfig(estimator="sampling", num_samples=1)
+    generate, _ = sampling_stub(tokenizer, 2, [3], [1, 1], m=1, base_seed=0)
+
+    def slow_verifier(*args):
+        time.sleep(0.5)
+        return 1.0
+
+    result = await compute_progress(
+        [1, 2],
+        [5, 6, 7],
+        [3],
+        "42",
+        cfg,
+        tokenizer,
+        generate,
+        verifier=slow_verifier,
+        verifier_timeout_s=0.05,
+        seed=0,
+    )
+    assert not result.failed and result.jr == [0.0, 0.0] and result.verifier_errors == 2
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+
+
+@pytest.mark.parametrize("estimator", ["likelihood", "sampling"])
+async def test_all_probes_are_in_flight_before_any_completes(tokenizer, estimator):
+    cfg = ProgressConfig(estimator=estimator, num_samples=3, timeout_s=5.0)
+    ends = [2, 4, 6, 8]
+    expected_requests = (len(ends) + 1) * (cfg.num_samples if estimator == "sampling" else 1)
+    all_in = asyncio.Event()
+    in_flight = 0
+    peak = 0
+
+    async def generate(ids, params):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if in_flight == expected_requests:
+            all_in.set()
+        # Sequential probes would block here forever (the test's timeout turns that into a failure).
+        await asyncio.wait_for(all_in.wait(), timeout=2.0)
+        in_flight -= 1
+        if estimator == "likelihood":
+            return token_output(prompt_logprobs=fake_prompt_logprobs(len(ids)))
+        return token_output(tokenizer.encode("42}", add_special_tokens=False))
+
+    result = await compute_progress(
+        [1, 2, 3], list(range(10, 20)), ends, "42", cfg, tokenizer, generate, data_source="l2t_arith"
+    )
+    assert not result.failed, result.error
+    assert peak == expected_requests
+    assert len(result.jr) == len(ends) + 1
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+def likelihood_stub(fail_at_len=None, hang_at_len=None, aborted=False):
+    calls = []
+
+    async def generate(ids, params):
+        calls.append(len(ids))
+        if len(ids) == fail_at_len:
+            raise ConnectionError("server went away")
+        if len(ids) == hang_at_len:
+            await asyncio.sleep(60)
+        out = token_output(prompt_logprobs=fake_prompt_logprobs(len(ids)))
+        if aborted:
+            out.stop_reason = "aborted"
+            out.extra_fields = {}
+        return out
+
+    return generate, calls
+
+
+async def test_a_failed_probe_fails_the_response_without_raising(tokenizer):
+    force_len = len(force_token_ids(tokenizer, LIKELIHOOD))
+    answer_len = len(tokenizer.encode("42}", add_special_tokens=False))
+    ends = [2, 4, 6]
+    fail_len = 3 + 4 + force_len + answer_len  # the probe after episode 2
+    generate, calls = likelihood_stub(fail_at_len=fail_len)
+    result = await compute_progress(
+        [1, 2, 3], list(range(10, 16)), ends, "42", LIKELIHOOD, tokenizer, generate
+    )
+    assert isinstance(result, ProgressResult)
+    assert result.failed and result.jr == [] and result.delta_j == []
+    assert "ConnectionError" in result.error and "server went away" in result.error
+
+
+async def test_a_probe_past_the_timeout_fails_the_response(tokenizer):
+    force_len = len(force_token_ids(tokenizer, LIKELIHOOD))
+    answer_len = len(tokenizer.encode("42}", add_special_tokens=False))
+    generate, _ = likelihood_stub(hang_at_len=3 + force_len + answer_len)
+    cfg = replace(LIKELIHOOD, timeout_s=0.2)
+    result = await compute_progress([1, 2, 3], [10, 11, 12], [1, 3], "42", cfg, tokenizer, generate)
+    assert result.failed and result.jr == [] and "TimeoutError" in result.error
+    assert result.probe_time_s < 5
+
+
+@pytest.mark.parametrize(
+    "case, error",
+    [("aborted", "aborted"), ("no_logprobs", "prompt_logprobs"), ("no_ground_truth", "ground truth")],
+)
+async def test_unusable_replies_and_rows_fail_the_response(tokenizer, case, error):
+    async def no_logprobs(ids, params):
+        return token_output()
+
+    generate = {
+        "aborted": likelihood_stub(aborted=True)[0],
+        "no_logprobs": no_logprobs,
+        "no_ground_truth": likelihood_stub()[0],
+    }[case]
+    gt = None if case == "no_ground_truth" else "42"
+    result = await compute_progress([1, 2, 3], [10, 11, 12], [3], gt, LIKELIHOOD, tokenizer, generate)
+    assert result.failed and result.jr == [] and error in result.error
+
+
+async def test_no_episode_means_no_probe(tokenizer):
+    async def generate(ids, params):
+        raise AssertionError("K = 0 must not send any probe")
+
+    result = await compute_progress([1, 2, 3], [], [], "42", LIKELIHOOD, tokenizer, generate)
+    assert result == ProgressResult()
+    assert not result.failed and result.jr == [] and result.delta_j == [] and result.probe_tokens == 0
+
+
+async def test_async_verifier_is_awaited(tokenizer):
+    cfg = ProgressConfig(estimator="sampling", num_samples=2)
+    generate, _ = sampling_stub(tokenizer, 2, [3], [1, 2], m=2, base_seed=0)
+
+    async def verifier(data_source, text, ground_truth, extra_info):
+        await asyncio.sleep(0)
+        return 1.0 if extract_boxed(text) == ground_truth else 0.0
+
+    result = await compute_progress(
+        [1, 2], [5, 6, 7], [3], "42", cfg, tokenizer, generate, verifier=verifier, seed=0
+    )
+    assert result.jr == [0.5, 1.0] and result.verifier_errors == 0
