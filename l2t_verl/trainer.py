@@ -33,7 +33,8 @@ from verl.utils.debug import marked_timer
 from verl.workers.utils.padding import response_to_nested
 
 from l2t_verl.advantage import compute_l2t_advantage
-from l2t_verl.rewards import normalize_penalties
+from l2t_verl.episodes import episode_ids_for
+from l2t_verl.rewards import dense_token_rewards, normalize_penalties
 from l2t_verl.settings import L2TConfig
 from l2t_verl.worker_extension import (
     EPISODE_IDS_KEY,
@@ -45,23 +46,24 @@ from l2t_verl.worker_extension import (
 _ACTOR_ROLES = (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor)
 
 
+def _valid_ends(ends: Any, response_len: int) -> list[int]:
+    """Episode ends as the agent loop wrote them; anything inconsistent counts as no episode."""
+    values = [int(e) for e in (ends or [])]
+    if (
+        values
+        and all(b > a for a, b in zip([0, *values], values, strict=False))
+        and values[-1] <= response_len
+    ):
+        return values
+    return []
+
+
 def _extra(fields: Any, n: int) -> list[dict]:
     """The per-sample ``extra_fields`` dicts as read back from TransferQueue."""
     if fields is None:
         return [{} for _ in range(n)]
-    if hasattr(fields, "tolist"):
-        fields = fields.tolist()
+    fields = fields.tolist() if hasattr(fields, "tolist") else list(fields)
     return [dict(f) if isinstance(f, dict) else {} for f in fields]
-
-
-def episode_token_ids(response_len: int, ends: list[int]) -> torch.Tensor:
-    """Per response token: the index of the episode it belongs to, -1 for the tail after the last."""
-    ids = torch.full((response_len,), -1, dtype=torch.long)
-    start = 0
-    for k, end in enumerate(ends):
-        ids[start:end] = k
-        start = end
-    return ids
 
 
 @register_trainer("l2t")
@@ -95,8 +97,7 @@ class L2TTrainer(PPOTrainerSync):
         extras = _extra(data.get("extra_fields", None), len(batch))
         lengths = data["response_mask"].offsets().diff()
         ends = [
-            [int(e) for e in (x.get("l2t_episode_ends") or []) if 0 < int(e) <= n]
-            for x, n in zip(extras, lengths.tolist(), strict=True)
+            _valid_ends(x.get("l2t_episode_ends"), n) for x, n in zip(extras, lengths.tolist(), strict=True)
         ]
         return ends, extras, lengths
 
@@ -107,7 +108,10 @@ class L2TTrainer(PPOTrainerSync):
         start = time.perf_counter()
         ends, _, lengths = self._episode_ends(batch)
         episode_ids = torch.nested.as_nested_tensor(
-            [episode_token_ids(int(n), e) for n, e in zip(lengths.tolist(), ends, strict=True)],
+            [
+                torch.tensor(episode_ids_for(int(n), e), dtype=torch.long)
+                for n, e in zip(lengths.tolist(), ends, strict=True)
+            ],
             layout=torch.jagged,
         )
         tq.kv_batch_put(
@@ -176,11 +180,10 @@ class L2TTrainer(PPOTrainerSync):
 
         # Dense token rewards (spec 4): r_out on the last valid token, alpha * r_k on episode k's last.
         rewards = torch.zeros_like(scores)
-        rows = torch.arange(n)
-        rewards[rows, (lengths - 1).clamp(min=0)] += outcome * (lengths > 0)
-        for i, e in enumerate(ends):
-            for k, end in enumerate(e):
-                rewards[i, end - 1] += self.l2t.alpha * process[i, k]
+        for i, (e, n) in enumerate(zip(ends, lengths.tolist(), strict=True)):
+            rewards[i, :n] = dense_token_rewards(
+                n, e, float(outcome[i]), process[i, : len(e)].tolist(), self.l2t.alpha
+            )
         advantages, returns = compute_l2t_advantage(
             token_level_rewards=rewards,
             response_mask=response_mask,
