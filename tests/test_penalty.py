@@ -432,7 +432,7 @@ def test_model_restored_after_exception(method: str) -> None:
 
 
 @pytest.mark.parametrize("num_episodes", [1, 4, 16])
-@pytest.mark.parametrize(("method", "forwards"), [("jvp", 1), ("finite_difference", 2)])
+@pytest.mark.parametrize(("method", "forwards"), [("jvp", 1), ("forward_ad", 1), ("finite_difference", 2)])
 def test_forward_count_does_not_grow_with_k(num_episodes: int, method: str, forwards: int) -> None:
     model = tiny_model(torch.float32)
     update = LowRankUpdate.from_weights(model, perturbed_reference(model, LAST_MLP), modules=LAST_MLP, rank=2)
