@@ -1,9 +1,15 @@
 """Warm start for the tiny offline model: a short supervised fine-tune on worked arithmetic traces.
 
 A randomly initialised model never writes a ``\\boxed{}`` answer, so every GRPO/L2T reward is 0 and
-the group-normalised advantages vanish.  A few hundred SFT steps on the reference traces of
-:func:`l2t_verl.assets.worked_solution` teach the trace format and enough arithmetic to solve some
-problems, which gives RL the mixed 0/1 rewards it learns from.
+the group-normalised advantages vanish.  1200 SFT steps on the reference traces of
+:func:`l2t_verl.assets.worked_solution` (60-90 s on two CPU cores) teach the trace format and enough
+arithmetic to solve some problems, which gives RL the mixed 0/1 rewards it learns from.
+
+Tuning notes (hidden 128, 2 layers, batch 16, default data): the format and the copying of
+operands from the prompt are learnt within a few hundred steps; the arithmetic comes late and
+abruptly (the first step's result is right ~45% of the time after 900 steps, ~80% after 1200).
+The learning rate matters most: at 5e-3 the model is still worse after 2400 steps than at 1e-3
+after 1200.
 
 Traces can carry *redundant* episodes (re-checks and restatements that do not move the computation
 forward, see :func:`sft_traces`), so the warm-started policy over-thinks a little and L2T has
@@ -15,12 +21,13 @@ launched by ``torchrun`` (it calls ``initialize_global_process_group``, which re
 ``MultiTurnSFTDataset``, trains through the FSDP ``TrainingWorker`` engine and saves sharded
 checkpoints that need a merge step to become a ``from_pretrained`` directory.  With the ``cpu``
 platform that chain might be made to run, but it costs a subprocess, process-group start-up and a
-checkpoint round trip for a sub-minute job on a ~1M-parameter model; a ~100-line loop is faster,
+checkpoint round trip for a one-minute job on a 0.4M-parameter model; a ~100-line loop is faster,
 deterministic and callable in-process from :func:`l2t_verl.assets.build_all`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -43,6 +50,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "REDUNDANT_KINDS",
     "evaluate",
@@ -55,6 +64,9 @@ __all__ = [
 # Redundant-episode kinds; each is correct but adds nothing to the computation.
 REDUNDANT_KINDS = ("check", "so_far", "reread")
 _REREAD = "Let me re-read the question."
+
+# (prompt ids, response ids)
+_Example = tuple[list[int], list[int]]
 
 
 def _steps(problem: Any) -> tuple[int, list[str], list[int]]:
@@ -82,7 +94,9 @@ def is_necessary_step(episode: str) -> bool:
     )
 
 
-def _redundant_episode(rng: random.Random, done: int, start: int, equations: list[str], values: list[int]) -> str:
+def _redundant_episode(
+    rng: random.Random, done: int, start: int, equations: list[str], values: list[int]
+) -> str:
     """A redundant episode placed after ``done`` necessary steps; it only restates known facts."""
     kinds = list(REDUNDANT_KINDS) if done else ["so_far", "reread"]
     kind = rng.choice(kinds)
@@ -143,43 +157,54 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: Any) -> list[int]:
     return list(ids)
 
 
-def _collate(
-    examples: Sequence[tuple[list[int], list[int]]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, labels); labels are -100 outside the response."""
+def _collate(examples: Sequence[_Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, labels)``; labels are -100 outside the response."""
     import torch
 
     width = max(len(p) + len(r) for p, r in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     for i, (p, r) in enumerate(examples):
         n = len(p) + len(r)
         input_ids[i, :n] = torch.tensor(p + r)
-        attention[i, :n] = 1
         labels[i, len(p) : n] = torch.tensor(r)
-    return input_ids, attention, labels
+    return input_ids, labels
 
 
-def _batch_loss(model: PreTrainedModel, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _batch_loss(model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     import torch.nn.functional as F
 
-    input_ids, attention, labels = batch
-    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-    # Token-mean over response tokens of the whole batch (not per-sequence mean), so long traces
-    # are not down-weighted relative to short ones.
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
+    # No attention mask: with right padding, causal attention already keeps real tokens from
+    # seeing pads, and skipping the mask lets SDPA take its faster is_causal path.
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    # Project only the positions that predict a response token: the LM head over the prompt
+    # would be a sizeable share of the compute of such a small model, for nothing.
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    # Token-mean over the batch's response tokens, so long traces are not down-weighted.
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def _batches(examples: list[_Example], batch_size: int, rng: random.Random) -> list[list[_Example]]:
+    """Full batches of similar length (less padding) in random order; ragged tails are dropped so
+    every step has the same batch size.  ``examples`` must already be shuffled."""
+    window = batch_size * 8
+    batches = []
+    for lo in range(0, len(examples), window):
+        chunk = sorted(examples[lo : lo + window], key=lambda e: len(e[0]) + len(e[1]))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def warm_start(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     problems: Sequence[Any],
-    steps: int = 400,
-    lr: float = 3e-3,
-    batch_size: int = 32,
+    steps: int = 1200,
+    lr: float = 1e-3,
+    batch_size: int = 16,
     seed: int = 0,
     redundant_max: int = 1,
     *,
@@ -196,6 +221,10 @@ def warm_start(
     fresh redundant episodes each epoch (:func:`sft_traces` with a per-epoch seed).  The torch RNG
     is seeded inside ``fork_rng``, so the run is deterministic and leaves the caller's RNG alone.
 
+    Every step takes a full batch (similar lengths grouped, ragged tails dropped), so ``problems``
+    must hold at least ``batch_size`` items; pass ``steps * batch_size`` distinct problems for a
+    single pass without repeats.  ``log_every > 0`` logs the loss (``logging``, INFO) that often.
+
     Returns ``{"initial_loss", "final_loss", "seconds", "steps", "examples", "losses"}``; the
     initial/final losses are averages over the first/last ``min(10, steps)`` steps (single
     steps are noisy), ``losses`` is the per-step list.  The model is left in eval mode.
@@ -204,8 +233,8 @@ def warm_start(
 
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    if not problems:
-        raise ValueError("warm_start needs at least one problem")
+    if batch_size < 1 or len(problems) < batch_size:
+        raise ValueError(f"need 1 <= batch_size <= len(problems), got {batch_size} and {len(problems)}")
     started = time.perf_counter()
     losses: list[float] = []
     pad_id = tokenizer.pad_token_id
@@ -213,11 +242,17 @@ def warm_start(
     prompts = [_prompt_ids(tokenizer, p) for p in problems]
     order_rng = random.Random(f"{DATA_SOURCE}:sft_order:{seed}")
 
-    def epoch_examples(epoch: int) -> list[tuple[list[int], list[int]]]:
+    def epoch_batches(epoch: int) -> list[list[_Example]]:
+        # Fresh redundant episodes every epoch: the model should learn where they may go, not
+        # memorise one placement per problem.
         traces = sft_traces(problems, seed=seed * 100_003 + epoch, redundant_max=redundant_max)
         order = list(range(len(problems)))
         order_rng.shuffle(order)
-        return [(prompts[i], tokenizer.encode(traces[i], add_special_tokens=False) + [eos_id]) for i in order]
+        # One batched call: the fast tokenizer encodes in Rust, ~30% quicker than a Python loop.
+        encoded = tokenizer(traces, add_special_tokens=False)["input_ids"]
+        responses = [list(ids) + [eos_id] for ids in encoded]
+        examples = [(prompts[i], responses[i]) for i in order]
+        return _batches(examples, batch_size, order_rng)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -239,16 +274,14 @@ def warm_start(
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         model.train()
-        epoch, pool = 0, epoch_examples(0)
-        cursor = 0
+        epoch, pending = 0, iter(epoch_batches(0))
         for step in range(steps):
-            if cursor + batch_size > len(pool):
-                # Drop the ragged tail so every batch has the same size (stable loss scale).
+            batch = next(pending, None)
+            if batch is None:
                 epoch += 1
-                pool, cursor = epoch_examples(epoch), 0
-            batch = _collate(pool[cursor : cursor + batch_size], pad_id)
-            cursor += batch_size
-            loss = _batch_loss(model, batch)
+                pending = iter(epoch_batches(epoch))
+                batch = next(pending)
+            loss = _batch_loss(model, *_collate(batch, pad_id))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -256,7 +289,7 @@ def warm_start(
             scheduler.step()
             losses.append(float(loss.detach()))
             if log_every and (step + 1) % log_every == 0:
-                print(f"[warm_start] step {step + 1}/{steps} loss {losses[-1]:.4f}", flush=True)
+                logger.info("warm start: step %d/%d, loss %.4f", step + 1, steps, losses[-1])
         model.eval()
 
     window = min(10, len(losses))
@@ -339,7 +372,8 @@ def evaluate(
     if was_training:
         model.train()
 
-    scores = [compute_score(DATA_SOURCE, r, _ground_truth(p)) for p, r in zip(problems, responses, strict=True)]
+    truths = [_ground_truth(p) for p in problems]
+    scores = [compute_score(DATA_SOURCE, r, t) for r, t in zip(responses, truths, strict=True)]
     by_steps: dict[int, list[float]] = {}
     for p, s in zip(problems, scores, strict=True):
         by_steps.setdefault(len(parse_problem(p)[1]), []).append(s)

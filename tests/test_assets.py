@@ -23,7 +23,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM  # noqa: F401
 
     start = time.perf_counter()
-    paths = assets.build_all(tmp_path_factory.mktemp("assets"), seed=SEED, train_size=TRAIN, val_size=VAL)
+    # sft_steps=0: the random model, so the build stays fast; the warm start has its own tests below.
+    paths = assets.build_all(
+        tmp_path_factory.mktemp("assets"), seed=SEED, train_size=TRAIN, val_size=VAL, sft_steps=0
+    )
     # The build itself takes ~0.5 s; the bound is loose so a loaded CI machine does not flake.
     assert time.perf_counter() - start < 10
     return paths
@@ -49,31 +52,102 @@ def test_layout_and_manifest(built: dict[str, Path]) -> None:
     assert manifest["train_size"] == TRAIN and manifest["val_size"] == VAL
     assert manifest["version"] == assets.ASSETS_VERSION
     assert 100_000 <= manifest["num_parameters"] <= 200_000
+    assert manifest["sft"] == {"steps": 0} and manifest["model_overrides"] == {}
+    assert "sft_result" not in manifest
 
 
 def test_rebuild_is_skipped_unless_forced(built: dict[str, Path]) -> None:
     mtime = built["train"].stat().st_mtime_ns
-    assets.build_all(built["root"], seed=SEED, train_size=TRAIN, val_size=VAL)
+    assets.build_all(built["root"], seed=SEED, train_size=TRAIN, val_size=VAL, sft_steps=0)
     assert built["train"].stat().st_mtime_ns == mtime
 
 
 def test_force_and_changed_request_rebuild(tmp_path: Path) -> None:
-    paths = assets.build_all(tmp_path, seed=0, train_size=8, val_size=4)
+    paths = assets.build_all(tmp_path, seed=0, train_size=8, val_size=4, sft_steps=0)
     assert len(pd.read_parquet(paths["train"])) == 8
-    paths = assets.build_all(tmp_path, seed=0, train_size=10, val_size=4)
+    paths = assets.build_all(tmp_path, seed=0, train_size=10, val_size=4, sft_steps=0)
     assert len(pd.read_parquet(paths["train"])) == 10
     mtime = paths["train"].stat().st_mtime_ns
     time.sleep(0.01)
-    assets.build_all(tmp_path, seed=0, train_size=10, val_size=4, force=True)
+    assets.build_all(tmp_path, seed=0, train_size=10, val_size=4, sft_steps=0, force=True)
     assert paths["train"].stat().st_mtime_ns != mtime
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = assets.main(["--output", str(tmp_path), "--seed", "1", "--train-size", "8", "--val-size", "4"])
+    argv = ["--output", str(tmp_path), "--seed", "1", "--train-size", "8", "--val-size", "4"]
+    rc = assets.main([*argv, "--sft-steps", "0"])
     assert rc == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = json.loads(capsys.readouterr().out)  # stdout is only the JSON (progress goes to stderr)
     assert Path(printed["train"]).exists()
-    assert json.loads((tmp_path / "assets.json").read_text())["seed"] == 1
+    manifest = json.loads((tmp_path / "assets.json").read_text())
+    assert manifest["seed"] == 1 and manifest["sft"] == {"steps": 0}
+
+
+def test_cli_defaults_match_build_all() -> None:
+    import inspect
+
+    args = vars(assets.build_parser().parse_args(["--output", "x"]))
+    params = inspect.signature(assets.build_all).parameters
+    for name in ("seed", "train_size", "val_size", "vocab_size", "force", "sft_steps", "sft_redundant_max"):
+        assert args[name] == params[name].default, name
+    assert assets.DEFAULT_SFT_STEPS > 0  # warm-started unless asked otherwise
+
+
+# ------------------------------------------------------------------------------- warm start
+
+
+def test_warm_start_build_records_settings_and_changes_the_cache_key(tmp_path: Path) -> None:
+    random_paths = assets.build_all(tmp_path, seed=0, train_size=8, val_size=4, sft_steps=0)
+    train_bytes = random_paths["train"].read_bytes()
+    random_weights = (random_paths["model"] / "model.safetensors").read_bytes()
+
+    # A few steps only: this checks the plumbing, not how well the model learns.
+    paths = assets.build_all(tmp_path, seed=0, train_size=8, val_size=4, sft_steps=2, sft_redundant_max=2)
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["sft"] == {
+        "steps": 2,
+        "lr": assets.DEFAULT_SFT_LR,
+        "batch_size": assets.DEFAULT_SFT_BATCH_SIZE,
+        "redundant_max": 2,
+        "problems": 2 * assets.DEFAULT_SFT_BATCH_SIZE,
+    }
+    assert manifest["model_overrides"] == assets.WARM_START_MODEL_OVERRIDES
+    result = manifest["sft_result"]
+    assert set(result) == {"initial_loss", "final_loss", "test_greedy_accuracy", "test_greedy_mean_tokens"}
+    assert 0.0 <= result["test_greedy_accuracy"] <= 1.0
+    assert paths["train"].read_bytes() == train_bytes  # the data does not depend on the SFT
+    assert (paths["model"] / "model.safetensors").read_bytes() != random_weights
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(paths["model"])
+    assert config.hidden_size == assets.WARM_START_MODEL_OVERRIDES["hidden_size"]
+    assert manifest["num_parameters"] < 2_000_000
+
+    # Same request: skipped.  Different SFT settings: rebuilt.
+    mtime = paths["manifest"].stat().st_mtime_ns
+    assets.build_all(tmp_path, seed=0, train_size=8, val_size=4, sft_steps=2, sft_redundant_max=2)
+    assert paths["manifest"].stat().st_mtime_ns == mtime
+    assets.build_all(tmp_path, seed=0, train_size=8, val_size=4, sft_steps=2, sft_redundant_max=1)
+    assert json.loads(paths["manifest"].read_text())["sft"]["redundant_max"] == 1
+
+
+def test_warm_start_build_deterministic_and_overridable(tmp_path: Path) -> None:
+    kwargs = {"seed": 0, "train_size": 8, "val_size": 4, "sft_steps": 2}
+    a = assets.build_all(tmp_path / "a", **kwargs)
+    b = assets.build_all(tmp_path / "b", **kwargs)
+    for rel in ("model/model.safetensors", "assets.json"):
+        assert (a["root"] / rel).read_bytes() == (b["root"] / rel).read_bytes(), rel
+
+    small = assets.build_all(tmp_path / "c", **kwargs, model_overrides={"num_hidden_layers": 1})
+    manifest = json.loads(small["manifest"].read_text())
+    assert manifest["model_overrides"] == {"num_hidden_layers": 1}
+    assert manifest["num_parameters"] < json.loads(a["manifest"].read_text())["num_parameters"]
+
+
+def test_build_all_rejects_negative_sft_steps(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sft_steps"):
+        assets.build_all(tmp_path, sft_steps=-1)
 
 
 # ------------------------------------------------------------------------------- tokenizer
@@ -282,7 +356,7 @@ def test_problems_deterministic() -> None:
 
 
 def test_build_all_deterministic(built: dict[str, Path], tmp_path: Path) -> None:
-    again = assets.build_all(tmp_path, seed=SEED, train_size=TRAIN, val_size=VAL)
+    again = assets.build_all(tmp_path, seed=SEED, train_size=TRAIN, val_size=VAL, sft_steps=0)
     for rel in (
         "data/train.parquet",
         "data/test.parquet",

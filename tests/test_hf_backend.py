@@ -17,7 +17,7 @@ def model_dir(tmp_path_factory) -> str:
     from l2t_verl.assets import build_all
 
     out = tmp_path_factory.mktemp("assets")
-    return str(build_all(out, seed=0, train_size=16, val_size=4)["model"])
+    return str(build_all(out, seed=0, train_size=16, val_size=4, sft_steps=0)["model"])
 
 
 @pytest.fixture(scope="module")
