@@ -31,7 +31,9 @@ PROMPT_LENGTH, RESPONSE_LENGTH = 256, 64
 def assets(tmp_path_factory) -> dict:
     from l2t_verl.assets import build_all
 
-    return build_all(tmp_path_factory.getbasetemp() / "l2t_assets", seed=0, train_size=16, val_size=4, sft_steps=0)
+    return build_all(
+        tmp_path_factory.getbasetemp() / "l2t_assets", seed=0, train_size=16, val_size=4, sft_steps=0
+    )
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,9 @@ def model_dir(tmp_path_factory) -> str:
     # One shared directory: build_all skips the rebuild when its manifest matches, so the other
     # test modules that ask for the same assets reuse them.
     return str(
-        build_all(tmp_path_factory.getbasetemp() / "l2t_assets", seed=0, train_size=16, val_size=4, sft_steps=0)["model"]
+        build_all(
+            tmp_path_factory.getbasetemp() / "l2t_assets", seed=0, train_size=16, val_size=4, sft_steps=0
+        )["model"]
     )
 
 
