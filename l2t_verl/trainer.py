@@ -180,9 +180,9 @@ class L2TTrainer(PPOTrainerSync):
 
         # Dense token rewards (spec 4): r_out on the last valid token, alpha * r_k on episode k's last.
         rewards = torch.zeros_like(scores)
-        for i, (e, n) in enumerate(zip(ends, lengths.tolist(), strict=True)):
-            rewards[i, :n] = dense_token_rewards(
-                n, e, float(outcome[i]), process[i, : len(e)].tolist(), self.l2t.alpha
+        for i, (e, length) in enumerate(zip(ends, lengths.tolist(), strict=True)):
+            rewards[i, :length] = dense_token_rewards(
+                length, e, float(outcome[i]), process[i, : len(e)].tolist(), self.l2t.alpha
             )
         advantages, returns = compute_l2t_advantage(
             token_level_rewards=rewards,
