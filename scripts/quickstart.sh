@@ -28,7 +28,7 @@ python -m l2t_verl.assets --output "$ASSETS" --seed "$SEED"
 rm -rf "$OUT" && mkdir -p "$OUT"
 export VERL_FILE_LOGGER_PATH="$OUT/metrics.jsonl" RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
 echo "[quickstart] training: algo=$ALGO steps=$STEPS batch=$BATCH x n=$N (log: $OUT/train.log)"
-python -m l2t_verl.main preset=cpu algo="$ALGO" \
+python -m l2t_verl.main preset=cpu task=arith algo="$ALGO" \
   data.train_files="$ASSETS/data/train.parquet" \
   data.val_files="$ASSETS/data/test.parquet" \
   data.train_batch_size="$BATCH" \
