@@ -25,12 +25,14 @@ def prepare_config(config: DictConfig) -> DictConfig:
     from verl.utils.device import auto_set_device
 
     from l2t_verl.dataset import validate_dataset
+    from l2t_verl.length_penalty import check_length_penalty
     from l2t_verl.settings import L2TConfig
 
     with open_dict(config):
         if not config.reward.custom_reward_function.get("path"):
             config.reward.custom_reward_function.path = str(Path(__file__).parent / "scoring" / "__init__.py")
     l2t = L2TConfig.from_config(config)
+    check_length_penalty(config)  # the length-penalty baseline's settings, when algo=length_penalty
     rollout = config.actor_rollout_ref.rollout
     if l2t.progress_active and rollout.get("max_model_len") is None:
         # A J_r probe is prompt + reasoning prefix + force suffix + answer: it can outgrow the

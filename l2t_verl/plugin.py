@@ -21,6 +21,7 @@ logger = logging.getLogger("l2t_verl")
 _L2T_MODULES = (
     "l2t_verl.advantage",
     "l2t_verl.agent_loop",
+    "l2t_verl.length_penalty",
     "l2t_verl.reward_manager",
     "l2t_verl.trainer",
 )

@@ -161,7 +161,7 @@ def test_dispatch(data_source: str, module: object) -> None:
     assert get_verifier(data_source) is module.score  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("data_source", ["humaneval_unregistered", "openai/gsm8k", ""])
+@pytest.mark.parametrize("data_source", ["mbpp_unregistered", "openai/gsm8k", ""])
 def test_unknown_source_raises(data_source: str) -> None:
     with pytest.raises(ValueError, match="no verifier for data_source"):
         compute_score(data_source, "\\boxed{1}", "1")

@@ -99,6 +99,11 @@ register_verifier("l2t_arith")(_arith.score)
 for _name in MATH_SOURCES:
     register_verifier(_name)(_math.score)
 
+# Unit tests in a sandboxed subprocess for code tasks (HumanEval).
+from l2t_verl.scoring import code as _code  # noqa: E402
+
+register_verifier(_code.DATA_SOURCE)(_code.score)
+
 __all__ = [
     "MATH_SOURCES",
     "Verifier",

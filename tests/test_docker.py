@@ -1,0 +1,173 @@
+"""Static checks of docker/Dockerfile (there is no Docker engine on the test machines)."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.metadata
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+DOCKER_README = REPO / "docker" / "README.md"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, comments dropped and continuation lines joined."""
+    out, pending = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # comment lines inside a continued instruction are ignored by Docker too
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends inside a continued instruction"
+    return out
+
+
+def of(kind: str) -> list[str]:
+    return [args for keyword, args in instructions() if keyword == kind]
+
+
+def base_image() -> tuple[str, str]:
+    froms = of("FROM")
+    assert len(froms) == 1, f"expected a single-stage build, got FROM {froms}"
+    image = froms[0].split()[0]
+    assert "$" not in image, "the base image must be written out, not taken from a build arg"
+    assert "@" not in image or ":" in image.split("@")[0]
+    name, _, tag = image.partition(":")
+    return name, tag
+
+
+def test_base_image_is_a_pinned_verl_vllm_tag() -> None:
+    name, tag = base_image()
+    assert name == "verlai/verl"
+    assert tag, "untagged FROM means latest"
+    assert "latest" not in tag.lower()
+    assert re.fullmatch(r"vllm\d{3}\.dev\d+", tag), tag
+    # The same tag is what the docs tell people they get.
+    assert f"{name}:{tag}" in DOCKER_README.read_text()
+
+
+def test_base_image_matches_the_pinned_verl() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    verl_pin = [d for d in pyproject["project"]["dependencies"] if d.replace(" ", "").startswith("verl==")]
+    assert verl_pin == ["verl==0.9.1"]
+    # verl 0.9.1 declares the vLLM it is built for in its `vllm` extra; the tag encodes the same version.
+    requires = importlib.metadata.requires("verl") or []
+    vllm_pins = [r for r in requires if re.match(r"vllm\s*==", r) and 'extra == "vllm"' in r]
+    assert len(vllm_pins) == 1, vllm_pins
+    version = re.search(r"==\s*([\d.]+)", vllm_pins[0]).group(1)
+    major, minor = version.split(".")[:2]
+    _name, tag = base_image()
+    assert tag.startswith(f"vllm{major}{int(minor):02d}."), (tag, version)
+
+
+def _commands(run_args: str) -> list[list[str]]:
+    """Shell commands of a RUN, split at ``;``, ``&&``, ``||`` and ``|`` outside quotes."""
+    lexer = shlex.shlex(run_args, posix=True, punctuation_chars=";&|>")
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for token in lexer:
+        if token and set(token) <= set(";&|>"):
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    commands.append(current)
+    return [c for c in commands if c and c[0] != "set"]
+
+
+def test_package_installed_with_gpu_extra_keeping_torch() -> None:
+    pip_installs = []
+    for run in of("RUN"):
+        for cmd in _commands(run):
+            if cmd[:2] in (["pip", "install"], ["pip3", "install"]) or cmd[:4] == [
+                "python",
+                "-m",
+                "pip",
+                "install",
+            ]:
+                pip_installs.append(cmd)
+    assert pip_installs, "no pip install"
+    targets = [arg for cmd in pip_installs for arg in cmd if not arg.startswith("-")]
+    assert ".[gpu]" in targets
+    for arg in targets:
+        assert not re.match(r"(torch|torchvision|torchaudio|vllm|flash[-_]attn)\b", arg), f"reinstalls {arg}"
+    # The CUDA stack is frozen through a constraints file built from the installed versions ...
+    install = next(cmd for cmd in pip_installs if ".[gpu]" in cmd)
+    assert "--constraint" in install or "-c" in install
+    run_text = " ".join(of("RUN"))
+    assert re.search(r"pip freeze \| grep .*torch", run_text)
+    # ... and the build checks that torch did not change.
+    assert "torch_before" in run_text and '= "$torch_before"' in run_text
+
+
+def test_entry_point_is_the_trainer() -> None:
+    entrypoints = of("ENTRYPOINT")
+    assert len(entrypoints) == 1
+    assert json.loads(entrypoints[0]) == ["python", "-m", "l2t_verl.main"]
+    assert (REPO / "l2t_verl" / "main.py").is_file()
+
+
+def _ignore_patterns() -> list[str]:
+    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
+    return [line.rstrip("/") for line in lines if line and not line.startswith("#")]
+
+
+def _ignored(relative: str, patterns: list[str]) -> bool:
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes for pattern in patterns)
+
+
+def test_copied_files_exist_and_are_not_ignored() -> None:
+    patterns = _ignore_patterns()
+    copied = []
+    for args in of("COPY"):
+        words = [w for w in shlex.split(args) if not w.startswith("--")]
+        sources = words[:-1]
+        assert sources, args
+        for source in sources:
+            relative = source.rstrip("/")
+            assert not Path(relative).is_absolute() and ".." not in Path(relative).parts
+            assert (REPO / relative).exists(), f"COPY source {source} is not in the repository"
+            assert not _ignored(relative, patterns), f"COPY source {source} is excluded by .dockerignore"
+            copied.append(relative)
+    # What `pip install .` needs: the project file, the readme it names, and the package.
+    readme = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["readme"]
+    for needed in ("pyproject.toml", readme, "l2t_verl"):
+        assert needed in copied, f"{needed} is not copied into the image"
+
+
+@pytest.mark.parametrize("path", [".venv", ".git", "assets", "outputs", "tests", "l2t_verl/__pycache__"])
+def test_dockerignore_keeps_local_artefacts_out(path: str) -> None:
+    assert _ignored(path, _ignore_patterns())
+
+
+def test_readme_shows_build_push_and_cluster_runs() -> None:
+    text = DOCKER_README.read_text()
+    for needed in (
+        "docker build -f docker/Dockerfile",
+        "docker push",
+        "--gpus all",
+        "--shm-size",
+        "--address=",
+        "trainer.nnodes",
+        "python -m l2t_verl.main",
+    ):
+        assert needed in text, needed
+    assert re.search(r"--entrypoint ray \S+ start --head", text)
