@@ -70,6 +70,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, register
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient, LLMServerClient
 
+from l2t_verl import faults
 from l2t_verl.episodes import segment_episodes
 from l2t_verl.progress import ProgressResult, compute_progress
 from l2t_verl.settings import L2TConfig, L2TConfigError
@@ -191,7 +192,10 @@ class L2TAgentLoop(SingleTurnAgentLoop):
             # The generation's id routes the probe to the replica holding the response's KV cache.
             # Under full_determinism verl forwards the id to vLLM as is, and concurrent requests
             # must not share one, so each probe gets its own (deterministic) id there.
-            rid = f"{sticky}-l2t{next(counter)}" if self.full_determinism else sticky
+            n = next(counter)
+            rid = f"{sticky}-l2t{n}" if self.full_determinism else sticky
+            if faults.hit("probe", f"{sticky}:{n}"):
+                raise faults.InjectedFault(f"probe {n} of request {sticky}")
             return await generate(rid, prompt_ids=prompt_ids, sampling_params=sampling_params)
 
         return probe

@@ -26,7 +26,7 @@ def prepare_config(config: DictConfig) -> DictConfig:
 
     from l2t_verl.dataset import validate_dataset
     from l2t_verl.length_penalty import check_length_penalty
-    from l2t_verl.settings import L2TConfig
+    from l2t_verl.settings import L2TConfig, L2TConfigError
 
     with open_dict(config):
         if not config.reward.custom_reward_function.get("path"):
@@ -34,6 +34,12 @@ def prepare_config(config: DictConfig) -> DictConfig:
     l2t = L2TConfig.from_config(config)
     check_length_penalty(config)  # the length-penalty baseline's settings, when algo=length_penalty
     rollout = config.actor_rollout_ref.rollout
+    if float(rollout.get("temperature", 1.0)) <= 0:
+        # verl's actor divides the logits by the rollout temperature: 0 gives inf log-probs and
+        # gradient norms of ~1e8 instead of an error. Greedy evaluation is val_kwargs.do_sample=false.
+        raise L2TConfigError(
+            f"actor_rollout_ref.rollout.temperature must be > 0 for training; got {rollout.temperature}"
+        )
     if l2t.progress_active and rollout.get("max_model_len") is None:
         # A J_r probe is prompt + reasoning prefix + force suffix + answer: it can outgrow the
         # generation budget by the force suffix and the answer, so leave the server room for them.

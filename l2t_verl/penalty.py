@@ -503,8 +503,11 @@ def _directional_derivatives_forward_ad(model: nn.Module, update: LowRankUpdate,
     owners: dict[str, nn.Module] = {}
     for name in update.names:
         owner = _proxy_owner(model, name)
-        if not (name.endswith(".weight") and isinstance(getattr(owner, "weight", None), torch.Tensor)
-                and isinstance(owner, nn.Linear)):
+        if not (
+            name.endswith(".weight")
+            and isinstance(getattr(owner, "weight", None), torch.Tensor)
+            and isinstance(owner, nn.Linear)
+        ):
             raise ValueError(f"forward_ad needs proxy weights of nn.Linear modules; {name!r} is not one")
         owners[name] = owner
 

@@ -85,6 +85,9 @@ class L2TConfig:
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    # Optional folder for per-sample records of every step (episodes, J_r deltas, penalties,
+    # advantages): what a user inspects when a run misbehaves, and what the multi-rank test compares.
+    dump_dir: str | None = None
 
     @property
     def penalty_active(self) -> bool:
@@ -105,6 +108,8 @@ class L2TConfig:
             message = str(exc)
             prefix = "" if message.startswith("l2t.") else "l2t.episodes: "
             raise L2TConfigError(prefix + message) from None
+        if self.dump_dir is not None and not (isinstance(self.dump_dir, str) and self.dump_dir.strip()):
+            raise L2TConfigError(f"l2t.dump_dir must be a folder path or null; got {self.dump_dir!r}")
         self.progress.validate()
         self.penalty.validate()
         return self

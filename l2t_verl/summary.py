@@ -72,8 +72,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def summarize(path: str | Path, wall_s: float | None = None, checkpoint_dir: str | None = None,
-              log_file: str | None = None) -> str:
+def summarize(
+    path: str | Path,
+    wall_s: float | None = None,
+    checkpoint_dir: str | None = None,
+    log_file: str | None = None,
+) -> str:
     steps = read_steps(path)
     if not steps:
         return f"no training step was logged to {path}"

@@ -17,7 +17,10 @@ One training step, in verl's order (``PPOTrainer._step_once``):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,11 +148,12 @@ class L2TTrainer(PPOTrainerSync):
         return batch
 
     def _compute_advantage(self, batch, metrics: dict):
-        fields = ["uid", "response_mask", "rm_scores"]
+        fields = ["uid", "response_mask", "rm_scores"] + (["input_ids"] if self.l2t.dump_dir else [])
         if self.l2t.penalty_active:
             fields.append(PENALTY_KEY)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask_nested = data["response_mask"]
+        sequences = data.pop("input_ids") if self.l2t.dump_dir else None
         padded = data.to_padded_tensor()
         uid = np.array(padded.pop("uid").tolist(), dtype=object)
         response_mask = padded["response_mask"]
@@ -201,7 +205,33 @@ class L2TTrainer(PPOTrainerSync):
         metrics.update(
             self._l2t_metrics(extras, ends, exists, raw, p_hat, process, outcome, lengths, nonfinite)
         )
+        if sequences is not None:
+            self._dump(sequences, uid, ends, extras, outcome, raw, p_hat, advantages, response_mask)
         return batch
+
+    def _dump(self, sequences, uid, ends, extras, outcome, raw, p_hat, advantages, response_mask) -> None:
+        """One JSON line per sample to ``l2t.dump_dir/step_N.jsonl``. ``sequence_sha1`` (of prompt +
+        response token ids) identifies a sample across runs, where verl's ``uid`` is random."""
+        folder = Path(self.l2t.dump_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = sequences.unbind(0) if sequences.is_nested else list(sequences)
+        with (folder / f"step_{self.global_steps}.jsonl").open("w") as fh:
+            for i, (seq, e, x) in enumerate(zip(rows, ends, extras, strict=True)):
+                tokens = seq.reshape(-1).tolist()
+                record = {
+                    "uid": str(uid[i]),
+                    "sequence_sha1": hashlib.sha1(json.dumps(tokens).encode()).hexdigest(),
+                    "response_tokens": int(response_mask[i].sum()),
+                    "episode_ends": e,
+                    "jr": x.get("l2t_jr") or [],
+                    "delta_j": x.get("l2t_delta_j") or [],
+                    "probe_failed": bool(x.get("l2t_probe_failed")),
+                    "outcome": float(outcome[i]),
+                    "penalty_raw": raw[i, : len(e)].tolist(),
+                    "penalty_hat": p_hat[i, : len(e)].tolist(),
+                    "advantages": advantages[i][response_mask[i].bool()].tolist(),
+                }
+                fh.write(json.dumps(record) + "\n")
 
     @staticmethod
     def _outcomes(extras: list[dict], scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

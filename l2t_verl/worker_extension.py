@@ -17,14 +17,16 @@ module never imports the rollout side.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from tensordict import TensorDict
 from torch.distributed.tensor import DTensor
-from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
+from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from l2t_verl import faults
 from l2t_verl.penalty import (
     LowRankUpdate,
     episode_penalties,
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 PENALTY_SETTINGS_KEY = "l2t_penalty_settings"  # non-tensor entry the trainer attaches to the batch
 EPISODE_IDS_KEY = "l2t_episode_ids"  # per response token: episode index, -1 for the tail
 PENALTY_KEY = "l2t_penalty_raw"  # output: [B, K_max] raw penalties
+L2T_STATE_FILE = "l2t_state.pt"  # in the actor's checkpoint folder: the penalty reference
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -89,6 +92,7 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
 
     _l2t_settings: dict | None = None
     _l2t_reference: dict[str, torch.Tensor] | None = None
+    _l2t_calls = 0
 
     def _l2t_proxy(self) -> dict[str, torch.nn.Parameter]:
         module = self.actor.engine.module
@@ -140,7 +144,30 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
                     .cpu()
                 )
         penalties = torch.cat(chunks)
+        self._l2t_calls += 1
+        keys = [f"{self._l2t_calls}:{self.rank}:{i}" for i in range(batch)]
+        penalties = faults.poison(penalties, "penalty_nan", keys)
         return TensorDict({PENALTY_KEY: penalties}, batch_size=[batch])
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
+        super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+        # The penalty's reference is optimizer-like state: without it a resumed run would start with a
+        # zero update (previous_step) or a new origin (initial). Every rank holds the full P, so rank 0
+        # writes it next to the actor's shards, and the checkpoint manager's clean-up removes it with them.
+        if self.rank == 0 and self._l2t_reference is not None:
+            state = {"reference": self._l2t_reference, "settings": self._l2t_settings}
+            torch.save(state, os.path.join(local_path, L2T_STATE_FILE))
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
+        path = os.path.join(local_path, L2T_STATE_FILE) if local_path else None
+        state = torch.load(path, map_location="cpu") if path and os.path.exists(path) else None
+        super().load_checkpoint(local_path, hdfs_path, del_local_after_load)
+        if state is not None:
+            self._l2t_reference = state["reference"]
+            self._l2t_settings = state["settings"]
+            logger.info("l2t: penalty reference restored from %s", path)
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def update_actor(self, data: TensorDict) -> TensorDict:

@@ -9,6 +9,8 @@ text would give different ids than the ones sampled.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 TINY_TOKENIZER_CORPUS = [
@@ -48,3 +50,16 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_tokenizer_corpus() -> list[str]:
     return list(TINY_TOKENIZER_CORPUS)
+
+
+@pytest.fixture(scope="session")
+def e2e_assets(tmp_path_factory) -> Path:
+    """Warm-started tiny model + arithmetic data for the real-trainer tests, built once per session
+    (about 85 s on two cores). ``L2T_TEST_ASSETS=DIR`` keeps them in DIR across sessions: the build
+    is skipped while DIR's manifest matches."""
+    import os
+
+    from trainer_run import build_e2e_assets
+
+    folder = os.environ.get("L2T_TEST_ASSETS")
+    return build_e2e_assets(Path(folder) if folder else tmp_path_factory.mktemp("e2e_assets"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import zlib
 from typing import Any
 
 import ray
@@ -40,6 +41,8 @@ class HFRolloutServer:
         self.global_steps: int | None = None
         self.engine: HFEngine | None = None
         self.weight_version = 0
+        self._seen_step: int | None = None
+        self._seen: dict[tuple, int] = {}
         self._queue: asyncio.Queue | None = None
         self._loop_task: asyncio.Task | None = None
         self._engine_lock: asyncio.Lock | None = None
@@ -113,6 +116,8 @@ class HFRolloutServer:
                     extra_fields=extra,
                 )
         self.engine.check_prompt(prompt_ids, spec)
+        if spec.seed is None and self.config.get("full_determinism", False):
+            spec.seed = self._deterministic_seed(prompt_ids)
         completions = await self._submit("generate", (prompt_ids, spec))
         first = completions[0]
         if spec.n > 1:
@@ -120,6 +125,22 @@ class HFRolloutServer:
         return TokenOutput(
             token_ids=first.token_ids, log_probs=first.log_probs, stop_reason="completed", extra_fields=extra
         )
+
+    def _deterministic_seed(self, prompt_ids: list[int]) -> int:
+        """A sampling seed that depends on what is asked, not on when it arrives.
+
+        verl's request ids are random and the order of concurrent requests is not fixed, so under
+        ``full_determinism`` request number i (since the last step change) for a given prompt draws
+        from seed (config seed, step, prompt, i). The samples of a prompt group are exchangeable,
+        so a rerun, or a run resumed from a checkpoint, draws the same set of responses per prompt.
+        """
+        key = (self.global_steps, tuple(prompt_ids))
+        if self._seen_step != self.global_steps:
+            self._seen_step, self._seen = self.global_steps, {}
+        index = self._seen.get(key, 0)
+        self._seen[key] = index + 1
+        text = f"{int(self.config.seed or 0)}:{self.global_steps}:{index}:{','.join(map(str, prompt_ids))}"
+        return zlib.crc32(text.encode()) & 0x3FFFFFFF
 
     async def _submit(self, kind: str, payload: Any) -> Any:
         future = asyncio.get_running_loop().create_future()

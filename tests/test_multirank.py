@@ -1,0 +1,162 @@
+"""Two data-parallel ranks (gloo, FSDP2) give the same per-sample penalties and advantages as one.
+
+The actor's path is run as the worker runs it (:mod:`l2t_verl.worker_extension`): each rank
+gathers the full proxy matrices with ``full_tensor()`` (a collective), builds the same rank-r
+update, and computes the forward-mode penalties of its own half of the batch through the
+FSDP2-sharded model. The driver's part (batch-mean normalisation, dense rewards, the ``l2t``
+advantage) then runs on the gathered penalties. One process without FSDP is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from l2t_verl.advantage import compute_l2t_advantage
+from l2t_verl.episodes import episode_ids_for
+from l2t_verl.penalty import LowRankUpdate, episode_penalties, last_layer_mlp_regex, select_proxy_params
+from l2t_verl.rewards import dense_token_rewards, normalize_penalties
+from l2t_verl.worker_extension import _full
+
+BATCH, PROMPT, K_MAX, RANK, DAMPING = 8, 6, 6, 4, 1e-5
+RESPONSE_LENS = [14, 9, 17, 12, 5, 16, 11, 8]
+EPISODE_ENDS = [[4, 9, 14], [9], [3, 7, 12, 17], [6, 12], [5], [2, 8, 13, 16], [4, 11], [3, 6, 8]]
+
+
+def _model() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    return Qwen2ForCausalLM(config).double().eval()
+
+
+def _reference(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """P "before the last update": the current P minus a fixed random step."""
+    gen = torch.Generator().manual_seed(1)
+    proxy = select_proxy_params(model, last_layer_mlp_regex(model))
+    return {
+        n: p.detach().clone() - 1e-2 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        for n, p in proxy.items()
+    }
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt + response rows and their episode ids, as the worker builds them."""
+    gen = torch.Generator().manual_seed(2)
+    width = PROMPT + max(RESPONSE_LENS)
+    ids = torch.zeros(BATCH, width, dtype=torch.long)
+    mask = torch.zeros(BATCH, width, dtype=torch.long)
+    episodes = torch.full((BATCH, width), -1, dtype=torch.long)
+    for i, (n, ends) in enumerate(zip(RESPONSE_LENS, EPISODE_ENDS, strict=True)):
+        ids[i, : PROMPT + n] = torch.randint(1, 64, (PROMPT + n,), generator=gen)
+        mask[i, : PROMPT + n] = 1
+        episodes[i, PROMPT : PROMPT + n] = torch.tensor(episode_ids_for(n, ends))
+    return ids, mask, episodes
+
+
+def _penalties(model: torch.nn.Module, current: dict, reference: dict, rows: slice) -> torch.Tensor:
+    update = LowRankUpdate.from_tensors(current, reference, rank=RANK, seed=0)
+    ids, mask, episodes = _batch()
+    return episode_penalties(
+        model,
+        update,
+        ids[rows],
+        mask[rows],
+        episodes[rows],
+        damping=DAMPING,
+        method="forward_ad",
+        k_max=K_MAX,
+    )
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        reference = _reference(model)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        proxy = select_proxy_params(model, last_layer_mlp_regex(model))
+        current = {name: _full(p).double() for name, p in sorted(proxy.items())}
+        per_rank = BATCH // world
+        penalties = _penalties(model, current, reference, slice(rank * per_rank, (rank + 1) * per_rank))
+        local_rows = {name: p.to_local().shape[0] for name, p in proxy.items()}
+        torch.save({"penalties": penalties, "local_rows": local_rows}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _advantages(raw: torch.Tensor) -> torch.Tensor:
+    """The driver's step 5 (trainer._compute_advantage) on fixed J_r deltas and outcomes."""
+    gen = torch.Generator().manual_seed(3)
+    exists = torch.zeros(BATCH, K_MAX, dtype=torch.bool)
+    for i, ends in enumerate(EPISODE_ENDS):
+        exists[i, : len(ends)] = True
+    delta_j = torch.rand(BATCH, K_MAX, generator=gen) * exists
+    outcome = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    p_hat, _ = normalize_penalties(raw.float(), exists)
+    process = delta_j - 0.6 * p_hat
+    width = max(RESPONSE_LENS)
+    rewards = torch.zeros(BATCH, width)
+    mask = torch.zeros(BATCH, width)
+    for i, (n, ends) in enumerate(zip(RESPONSE_LENS, EPISODE_ENDS, strict=True)):
+        rewards[i, :n] = dense_token_rewards(
+            n, ends, float(outcome[i]), process[i, : len(ends)].tolist(), 0.8
+        )
+        mask[i, :n] = 1
+    index = np.array(["a", "a", "b", "b", "c", "c", "d", "d"], dtype=object)
+    advantages, _ = compute_l2t_advantage(rewards, mask, index=index, outcome_scores=outcome)
+    return advantages
+
+
+def test_two_fsdp_ranks_match_one_process(tmp_path):
+    model = _model()
+    reference = _reference(model)
+    current = {
+        n: p.detach().clone() for n, p in select_proxy_params(model, last_layer_mlp_regex(model)).items()
+    }
+    single = _penalties(model, current, reference, slice(None))
+    assert (single[:, 0] > 0).all() and single[:, 0].std() > 0  # a real, sample-dependent signal
+
+    mp.start_processes(
+        _rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    outputs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # The sharding is real: each rank holds half of every proxy matrix, which is why the worker
+    # gathers P with full_tensor() before building the update.
+    for out in outputs:
+        assert out["local_rows"] == {n: current[n].shape[0] // 2 for n in current}
+    sharded = torch.cat([out["penalties"] for out in outputs])
+
+    assert sharded.shape == single.shape == (BATCH, K_MAX)
+    torch.testing.assert_close(sharded, single, rtol=1e-9, atol=1e-15)
+    # Episodes a sample does not have stay exactly 0 on every rank.
+    for i, ends in enumerate(EPISODE_ENDS):
+        assert (sharded[i, len(ends) :] == 0).all()
+    torch.testing.assert_close(_advantages(sharded), _advantages(single), rtol=1e-6, atol=1e-6)
