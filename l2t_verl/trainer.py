@@ -75,6 +75,18 @@ class L2TTrainer(PPOTrainerSync):
         self.l2t = L2TConfig.from_config(config)
         super().__init__(config)
 
+    # verl selects a trainer class by ``trainer.v1.trainer_mode`` and then branches on
+    # ``trainer_mode == "sync"`` (replay buffer, refill of failed groups, TransferQueue checkpoints,
+    # the ``trainer.v1.sync`` settings). Registered as "l2t", this is still the synchronous loop, so it
+    # reports "sync" to those branches; verl's own assignment in ``__init__`` is ignored.
+    @property
+    def trainer_mode(self) -> str:
+        return "sync"
+
+    @trainer_mode.setter
+    def trainer_mode(self, value: str) -> None:
+        pass
+
     # ------------------------------------------------------------------ workers
 
     def _init_resource_pool_mgr(self) -> None:

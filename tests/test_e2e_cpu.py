@@ -46,6 +46,9 @@ def test_l2t_trains_on_cpu_with_probes_and_penalty(e2e_assets, tmp_path):
         assert step["l2t/penalty_nonfinite"] == 0
     # reference = previous step: no update before step 1, so its penalty is exactly zero
     assert steps[0]["l2t/penalty_raw_mean"] == 0.0
+    # verl runs it as its synchronous loop (trainer_mode "sync" to verl's branches), not as an async
+    # mode, which would e.g. shrink the generation batch to one prompt.
+    assert "gen_batch_size defaulted to 1" not in (tmp_path / "train.log").read_text()
     assert all(step["l2t/penalty_raw_mean"] > 0.0 for step in steps[1:])
     # From step 2 on the penalty makes the process rewards differ, so the gradient cannot vanish
     # even when every outcome of a group is equal.

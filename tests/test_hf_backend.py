@@ -7,6 +7,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from l2t_verl.local.hf_engine import HFEngine, RequestError, SamplingSpec
@@ -233,3 +235,15 @@ def test_server_over_ray_generates_scores_and_takes_weight_updates(ray_session, 
     assert after.extra_fields["global_steps"] == 3
     assert after.extra_fields["prompt_logprobs"] != scored.extra_fields["prompt_logprobs"]
     ray.kill(server)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2), max_size=40), st.lists(st.integers(0, 2), max_size=40), st.integers(0, 40))
+def test_common_prefix_len_matches_a_linear_scan(a, b, n):
+    from l2t_verl.local.hf_engine import _common_prefix_len
+
+    n = min(n, len(a), len(b))
+    expected = 0
+    while expected < n and a[expected] == b[expected]:
+        expected += 1
+    assert _common_prefix_len(tuple(a), tuple(b), n) == expected

@@ -317,15 +317,17 @@ class HFEngine:
 
     def _longest_prefix(self, ids: tuple[int, ...]) -> tuple[_CacheEntry | None, int]:
         best, best_len = None, 0
-        target = torch.tensor(ids)
         for entry in reversed(self._prefix_cache.values()):
             n = min(len(entry.ids), len(ids) - 1)  # keep >= 1 new token to produce the next logits
             if n <= best_len:
                 continue
-            same = (torch.tensor(entry.ids[:n]) == target[:n]).int()
-            common = int(same.cumprod(0).sum())
+            common = _common_prefix_len(entry.ids, ids, n)
             if common > best_len:
                 best, best_len = entry, common
+        if best is not None:
+            # A hit keeps the entry alive: the probes of one response come one after another, and
+            # an entry evicted between them would be re-prefilled from scratch.
+            self._prefix_cache.move_to_end(best.ids)
         return best, best_len
 
     @torch.no_grad()
@@ -363,6 +365,24 @@ class HFEngine:
         token_logps = known + logps.gather(-1, targets[:, None])[:, 0].tolist()
         self._store(_CacheEntry(ids, [(layer.keys, layer.values) for layer in cache.layers], token_logps))
         return token_logps, keep
+
+
+def _common_prefix_len(a: tuple[int, ...], b: tuple[int, ...], n: int) -> int:
+    """Length of the common prefix of ``a`` and ``b`` within their first ``n`` items.
+
+    Tuple slices compare in C, so a binary search over them costs O(n log n) machine work and
+    O(log n) Python steps; a per-entry tensor comparison was most of the scoring time for probes.
+    """
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
