@@ -70,13 +70,17 @@ def test_soak_with_injected_faults(e2e_assets, tmp_path):
     assert all(totals[k] > 0 for k in totals), totals
 
     times = [step["timing_s/step"] for step in steps]
-    early, late = statistics.median(times[5:15]), statistics.median(times[20:30])
+    # Lower quartiles, not medians: a step whose verifier hangs waits the 2 s reward timeout, and
+    # about 40% of steps have one, so a median flips between the two levels by chance. Growth in
+    # the cost of a step shows in its fast steps as much as in the slow ones.
+    early = statistics.quantiles(times[5:15], n=4)[0]
+    late = statistics.quantiles(times[20:30], n=4)[0]
     mem_early = rss.get(10, 0)
     mem_late = max(v for k, v in rss.items() if k >= 20)
     report = {
         "steps": SOAK_STEPS,
         "faults": dict(totals),
-        "step_time_median_s": {"steps_6_15": early, "steps_21_30": late},
+        "step_time_lower_quartile_s": {"steps_6_15": early, "steps_21_30": late},
         "rss_gb": {str(k): round(v / 2**30, 3) for k, v in sorted(rss.items())},
     }
     (tmp_path / "soak.json").write_text(json.dumps(report, indent=2))
