@@ -18,6 +18,7 @@ from typing import Any
 from l2t_verl.episodes import THINK_CLOSE, char_to_token_ends, token_char_ends
 from l2t_verl.evaluation.backends import GenerationBackend, SamplingConfig
 from l2t_verl.evaluation.errors import EvaluationError
+from l2t_verl.scoring.arith import closing_brace
 from l2t_verl.settings import DEFAULT_FORCE_SUFFIX
 
 __all__ = [
@@ -86,25 +87,11 @@ def cut_forced_answer(answer: str, opened: int, answer_suffix: str) -> str:
     With none open, it ends after the first ``answer_suffix``. Otherwise the whole answer is kept.
     """
     if opened > 0:
-        depth, i = opened, 0
-        while i < len(answer):
-            ch = answer[i]
-            if ch == "\\":
-                i += 2
-                continue
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    end = (
-                        i + len(answer_suffix)
-                        if answer_suffix and answer.startswith(answer_suffix, i)
-                        else i + 1
-                    )
-                    return answer[:end]
-            i += 1
-        return answer
+        i = closing_brace(answer, 0, opened)
+        if i is None:
+            return answer
+        end = i + len(answer_suffix) if answer_suffix and answer.startswith(answer_suffix, i) else i + 1
+        return answer[:end]
     if answer_suffix:
         at = answer.find(answer_suffix)
         if at >= 0:

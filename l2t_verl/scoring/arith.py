@@ -25,19 +25,27 @@ def extract_boxed(text: str) -> str | None:
     if not matches:
         return None
     start = matches[-1].end()
-    depth = 1
+    end = closing_brace(text, start, 1)
+    return None if end is None else text[start:end]
+
+
+def closing_brace(text: str, start: int, depth: int) -> int | None:
+    """Index of the ``}`` that closes ``depth`` braces already open at ``start``, or ``None``.
+
+    Escaped braces (``\\{``, ``\\}``) are literal: a backslash skips the character after it.
+    """
     i = start
     while i < len(text):
         ch = text[i]
         if ch == "\\":
-            i += 2  # skip the escaped character, so "\{" / "\}" are literal braces
+            i += 2
             continue
         if ch == "{":
             depth += 1
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return text[start:i]
+                return i
         i += 1
     return None
 
