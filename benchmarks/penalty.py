@@ -31,13 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+from machine import cpu_model, load  # benchmarks/machine.py (scripts run from this folder)
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from l2t_verl.penalty import (
@@ -172,22 +172,6 @@ def reference_check(damping: float) -> dict:
     ours = exact_penalties(model, update, ids, mask, episodes, damping)
     size = sum(update.shape(n).numel() for n in update.names)
     return {"proxy_weights": size, "max_rel_err_vs_episode_penalties_exact": max_rel_err(ours, library)}
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def verdict(ok: bool) -> str:

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from machine import cpu_model, load  # benchmarks/machine.py (scripts run from this folder)
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from l2t_verl.assets import build_all
@@ -126,21 +126,6 @@ async def probe_all(
             for s, e in zip(samples, ends, strict=True)
         )
     )
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
