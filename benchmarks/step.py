@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
 POLL_INTERVAL_S = 0.05
 TARGET_RATIO = 1.6
@@ -49,15 +49,6 @@ PHASES = ("gen", "old_log_prob", "penalty", "adv", "update_actor", "update_weigh
 
 class FinePollReplayBuffer(ReplayBuffer):
     """verl's sync sampler, polling every 50 ms instead of 2 s."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["poll_interval"] = POLL_INTERVAL_S
-        super().__init__(*args, **kwargs)
-
-
-class FinePollReplayBufferAsync(ReplayBufferAsync):
-    """The sampler verl builds for any trainer_mode other than ``sync`` (the ``l2t`` trainer's), polling
-    every 50 ms instead of 2 s."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["poll_interval"] = POLL_INTERVAL_S
@@ -94,11 +85,10 @@ def trainer_command(assets: Path, out: Path, algo: str, steps: int, fine_poll: b
         "trainer.logger=[console,file]",
     ]
     if fine_poll:
-        # verl picks ReplayBuffer for trainer_mode=sync (grpo) and ReplayBufferAsync otherwise (l2t).
-        name = "FinePollReplayBuffer" if algo == "grpo" else "FinePollReplayBufferAsync"
+        # Both trainers run as verl's sync loop, whose sampler is ReplayBuffer.
         command += [
             f"trainer.v1.sampler.custom_sampler.path={Path(__file__).resolve()}",
-            f"trainer.v1.sampler.custom_sampler.name={name}",
+            "trainer.v1.sampler.custom_sampler.name=FinePollReplayBuffer",
         ]
     return command
 
@@ -183,10 +173,14 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per trainer run")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    from l2t_verl.assets import build_all  # heavy (transformers); not needed by the sampler import path
+    # Imported here, not at the top: verl also loads this file in its Ray workers for the sampler class,
+    # where neither transformers nor benchmarks/ (on sys.path only when run as a script) is needed.
+    from machine import cpu_model, load
+
+    from l2t_verl.assets import build_all
 
     wall_start = time.perf_counter()
-    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_start = load()
     assets = build_all(Path(args.assets), seed=0)["root"].resolve()
     out = Path(args.out).resolve()
     responses = 8 * 4
@@ -211,12 +205,10 @@ def main() -> None:
     shares = {p: l2t[f"{p}_s"] / l2t["step_s"] for p in PHASES}
     result = {
         "command": "python benchmarks/step.py " + " ".join(sys.argv[1:]),
-        "cpu": next(
-            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
-        ),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_avg_start": load_start,
-        "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load_avg_end": load(),
         "sampler_poll_s": 2.0 if args.verl_sampler else POLL_INTERVAL_S,
         "steps_per_run": args.steps,
         "pairs": args.pairs,
