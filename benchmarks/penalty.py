@@ -1,4 +1,4 @@
-"""Benchmark the compression penalty (spec 3): fast path against the exact per-episode gradients.
+"""Benchmark the compression penalty (docs/method.md §3): fast path against the exact per-episode gradients.
 
     python benchmarks/penalty.py [--device cpu|cuda] [--dtype float32|bfloat16] [--threads 1]
 

@@ -1,4 +1,4 @@
-"""Benchmark the J_r probes (spec 2): prefix reuse against naive re-scoring, on the local HFEngine.
+"""Benchmark the J_r probes (docs/method.md §2): prefix reuse against naive re-scoring, on the local HFEngine.
 
     python benchmarks/probes.py [--ks 1,2,4,8,16] [--prompts 8 --n 4] [--repeats 2] [--random-model 4x512]
 

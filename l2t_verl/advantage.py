@@ -1,155 +1,188 @@
-"""The ``l2t`` advantage estimator (L2T_SPEC.md section 5), registered with verl.
+"""The L2T advantage: process-supervised GRPO (docs/method.md §5).
 
-``A_t = outcome part + process part`` for every valid response token, where
+For response ``i`` of a prompt group and response token ``t``::
 
-- outcome part: GRPO within the prompt group, ``(r_out - mean_g) / (std_g + eps)`` (or without
-  the std division when ``norm_adv_by_std_in_grpo`` is off), the same for every token. It is
-  computed by verl's own ``compute_grpo_outcome_advantage`` on the scalar outcomes, so it follows
-  verl's conventions bit for bit (a group of one has mean 0 and std 1; std is unbiased);
-- process part: the return-to-go ``R_t = sum of alpha * r_k over episodes ending at or after t``
-  (gamma = 1), whitened over all valid response tokens of the batch.
+    A_it = A_out_i + alpha * sum of r~_ik over the rewarded episodes k of i with end_ik > t
 
-verl's ``grpo`` would sum the token rewards per sequence and erase the dense process signal,
-so it is not reused on the dense rewards.
+- ``A_out_i``: verl's GRPO on the scalar outcomes ``r_out`` within the prompt group (its own
+  ``compute_grpo_outcome_advantage``, so a group of one has mean 0 and std 1, as in verl).
+- ``r~_ik = (r_ik - mean_G) / (std_G + eps)``: the process rewards normalised over all rewarded
+  episodes of the group (unbiased std; no division when ``norm_adv_by_std_in_grpo`` is off), and
+  exactly 0 for a group with fewer than 2 rewarded episodes or with all of them equal.
 
-Calling convention: verl's ``compute_advantage`` calls a registered estimator with
-``token_level_rewards``, ``response_mask``, ``config`` and ``index`` (the ``uid``s) only. The
-dense rewards alone cannot be split into outcome and process parts when the last episode ends
-on the last token, so the L2T driver must pass ``outcome_scores`` (e.g. from the reward
-manager's extra info); without it only outcome-only batches are accepted.
+Tokens at or after a response's last rewarded episode end (the answer tail), responses with no
+episode and responses whose probes failed get ``A_out_i`` only; padding gets 0. The outcome and
+process rewards arrive separately: verl's ``grpo`` sums token rewards per sequence and would erase
+the dense signal, so it is not reused on them.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import torch
-from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, register_adv_est
-from verl.utils.torch_functional import masked_var, masked_whiten
+from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-__all__ = ["L2T_ADV_ESTIMATOR", "compute_l2t_advantage"]
+__all__ = ["L2T_ADV_ESTIMATOR", "advantage_parts", "l2t_advantage", "normalized_process_rewards"]
 
+# ``algorithm.adv_estimator`` of ``algo=l2t``. verl's own trainers look estimators up by this name;
+# the L2T trainer does not (it calls :func:`l2t_advantage` with the two reward parts), so it is not
+# registered with verl: ``l2t_verl.main`` refuses it without the L2T trainer instead of letting verl
+# run something else under its name.
 L2T_ADV_ESTIMATOR = "l2t"
-# Below this variance the returns are constant over the batch: whitening would divide ~0 by ~0
-# and a constant carries no relative signal, so the process part is exactly 0 instead.
-_MIN_PROCESS_VAR = 1e-12
 
 
-def _config_get(config: Any, key: str, default: Any) -> Any:
-    if config is None:
-        return default
-    if hasattr(config, "get"):  # AlgoConfig, DictConfig and dict all have .get
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
-def _last_valid_index(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of each row's last valid token, and whether the row has any valid token."""
-    valid = response_mask.bool()
-    width = valid.shape[-1]
-    last = width - 1 - valid.flip(-1).int().argmax(dim=-1)
-    return last, valid.any(dim=-1)
-
-
-def _check_inputs(
-    token_level_rewards: torch.Tensor,
+def _check_shapes(
+    outcome_scores: torch.Tensor,
+    process_rewards: torch.Tensor,
+    episode_mask: torch.Tensor,
+    episode_ends: torch.Tensor,
     response_mask: torch.Tensor,
-    index: np.ndarray | None,
-    outcome_scores: torch.Tensor | None,
+    index: Any,
 ) -> None:
-    if token_level_rewards.dim() != 2:
-        raise ValueError(
-            f"token_level_rewards must be [batch, response_len]; got {tuple(token_level_rewards.shape)}"
-        )
-    batch = token_level_rewards.shape[0]
-    if response_mask.shape != token_level_rewards.shape:
-        raise ValueError(
-            f"response_mask must have the shape of token_level_rewards {tuple(token_level_rewards.shape)}; "
-            f"got {tuple(response_mask.shape)}"
-        )
-    if index is None:
-        raise ValueError("index (the prompt group id of each response, verl's 'uid') is required for l2t")
-    if len(index) != batch:
-        raise ValueError(f"index must have one group id per response ({batch}); got {len(index)}")
-    if outcome_scores is not None and tuple(outcome_scores.shape) != (batch,):
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be [batch, response_len]; got {tuple(response_mask.shape)}")
+    batch = response_mask.shape[0]
+    if tuple(outcome_scores.shape) != (batch,):
         raise ValueError(f"outcome_scores must have shape ({batch},); got {tuple(outcome_scores.shape)}")
+    if process_rewards.dim() != 2 or process_rewards.shape[0] != batch:
+        raise ValueError(f"process_rewards must be [{batch}, K]; got {tuple(process_rewards.shape)}")
+    for name, value in (("episode_mask", episode_mask), ("episode_ends", episode_ends)):
+        if value.shape != process_rewards.shape:
+            raise ValueError(
+                f"{name} must have the shape of process_rewards {tuple(process_rewards.shape)}; "
+                f"got {tuple(value.shape)}"
+            )
+    if index is None or len(index) != batch:
+        got = None if index is None else len(index)
+        raise ValueError(f"index must hold one prompt group id per response ({batch}); got {got}")
 
 
-def _process_part(process_rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Whitened return-to-go of the (already masked) process rewards (spec 5)."""
-    returns = process_rewards.flip(-1).cumsum(-1).flip(-1)
-    if int(valid.sum()) < 2:
-        return torch.zeros_like(returns)
-    if float(masked_var(returns, valid)) < _MIN_PROCESS_VAR:
-        return torch.zeros_like(returns)
-    return masked_whiten(returns, valid) * valid
-
-
-@register_adv_est(L2T_ADV_ESTIMATOR)
-def compute_l2t_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray | None = None,
-    config: Any = None,
-    outcome_scores: torch.Tensor | None = None,
+def normalized_process_rewards(
+    process_rewards: torch.Tensor,
+    episode_mask: torch.Tensor,
+    index: Any,
+    norm_adv_by_std_in_grpo: bool = True,
     epsilon: float = 1e-6,
-    norm_adv_by_std_in_grpo: bool | None = None,
-    **kwargs: Any,
+) -> torch.Tensor:
+    """``r~`` [B, K]: each rewarded ``r_ik`` normalised over the rewarded episodes of its prompt group.
+
+    0 where ``episode_mask`` is False, and for a group with fewer than 2 rewarded episodes or whose
+    rewarded episodes are all equal (max == min, so that fp32 rounding cannot turn a constant into a
+    tiny non-zero std and then into noise of unit size).
+    """
+    mask = episode_mask.bool()
+    values = torch.where(mask, process_rewards, torch.zeros_like(process_rewards))
+    out = torch.zeros_like(values)
+    rows_of: dict[Any, list[int]] = defaultdict(list)
+    for row, uid in enumerate(index):
+        rows_of[uid].append(row)
+    for rows in rows_of.values():
+        rows_t = torch.tensor(rows, dtype=torch.long, device=values.device)
+        group_mask = mask[rows_t]
+        group = values[rows_t][group_mask]
+        if group.numel() < 2 or bool(group.max() == group.min()):
+            continue
+        centred = group - group.mean()
+        if norm_adv_by_std_in_grpo:
+            centred = centred / (group.std(unbiased=True) + epsilon)
+        block = torch.zeros_like(values[rows_t])
+        block[group_mask] = centred
+        out[rows_t] = block
+    return out
+
+
+def advantage_parts(
+    outcome_scores: torch.Tensor,
+    normalized_process: torch.Tensor,
+    episode_mask: torch.Tensor,
+    episode_ends: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    alpha: float,
+    norm_adv_by_std_in_grpo: bool = True,
+    epsilon: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2T advantages and returns (both ``[B, T]``, equal), spec 5.
+    """The outcome part ``A_out`` and the process part ``alpha * sum_{end > t} r~`` of the
+    advantage, each ``[B, T]`` and 0 on padding. ``normalized_process`` is ``r~``
+    (:func:`normalized_process_rewards`)."""
+    valid = response_mask.bool()
+    mask = episode_mask.bool()
+    lengths = valid.sum(dim=-1)
+    ends = episode_ends.long()
+    bad = mask & ((ends < 1) | (ends > lengths[:, None]))
+    if bool(bad.any()):
+        row, k = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"episode_ends[{row}, {k}] = {int(ends[row, k])} is outside [1, {int(lengths[row])}], "
+            f"the valid length of response {row}"
+        )
+
+    outcome, _ = compute_grpo_outcome_advantage(
+        token_level_rewards=outcome_scores.unsqueeze(-1).clone(),
+        response_mask=torch.ones_like(outcome_scores).unsqueeze(-1),
+        index=np.asarray(index, dtype=object),
+        epsilon=epsilon,
+        norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+    )
+    outcome_part = outcome.to(response_mask.device) * valid
+
+    # r~_ik sits on episode k's last token (end - 1); a reverse cumulative sum then gives every
+    # token t the sum over the episodes with end > t. O(B * T), whatever K is.
+    width = response_mask.shape[-1]
+    placed = torch.zeros(response_mask.shape[0], width + 1, dtype=outcome_part.dtype, device=valid.device)
+    slots = torch.where(mask, ends - 1, torch.full_like(ends, width))  # unrewarded -> a spare column
+    placed.scatter_add_(1, slots, torch.where(mask, normalized_process, 0).to(placed.dtype))
+    to_go = placed[:, :width].flip(-1).cumsum(-1).flip(-1)
+    return outcome_part, alpha * to_go * valid
+
+
+def l2t_advantage(
+    outcome_scores: torch.Tensor,
+    process_rewards: torch.Tensor,
+    episode_mask: torch.Tensor,
+    episode_ends: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    alpha: float = 0.8,
+    norm_adv_by_std_in_grpo: bool = True,
+    epsilon: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2T advantages and returns (equal, both ``[B, T]``), docs/method.md §5.
 
     Args:
-        token_level_rewards: ``[B, T]`` dense rewards: ``r_out`` on the last valid token plus
-            ``alpha * r_k`` on each episode's last token (``l2t_verl.rewards.dense_token_rewards``).
+        outcome_scores: ``[B]`` float, ``r_out``.
+        process_rewards: ``[B, K]`` float, ``r_k = delta_J_k - beta * p_hat_k``; any value where
+            ``episode_mask`` is False (it is ignored there, NaN included).
+        episode_mask: ``[B, K]`` bool, episode k exists and is rewarded (its response's probes
+            did not fail). Holes are allowed.
+        episode_ends: ``[B, K]`` long, exclusive end index of episode k in the response; ignored
+            where ``episode_mask`` is False. A rewarded end outside ``[1, valid length]`` is a
+            ``ValueError``.
         response_mask: ``[B, T]`` valid response tokens.
-        index: ``[B]`` prompt group ids (verl passes ``non_tensor_batch["uid"]``).
-        config: verl's ``AlgoConfig``; supplies ``norm_adv_by_std_in_grpo`` when the argument
-            of that name is not given (verl calls registered estimators with ``config`` only).
-        outcome_scores: ``[B]`` (tensor or array) outcome rewards ``r_out``, used to split the
-            dense rewards into outcome and process parts. When omitted, the rewards must sit on
-            the last valid token only (an outcome-only batch, e.g. every probe failed) and their
-            row sums are the outcomes; anything else raises ``ValueError``, because an outcome
-            and a process reward sharing the last token cannot be told apart. verl's trainers
-            do not pass this argument: the L2T trainer must (see the module docstring).
-        epsilon: added to the group std, as in verl's GRPO.
-        norm_adv_by_std_in_grpo: divide the outcome part by the group std (GRPO) or not (Dr.GRPO).
-        **kwargs: other inputs verl passes to estimators; ignored.
+        index: ``[B]`` prompt group ids (verl's ``uid`` array).
+        alpha: weight of the process part.
+        norm_adv_by_std_in_grpo: divide by the group std (GRPO) or not (Dr.GRPO), for both parts.
+        epsilon: added to every group std.
     """
-    if outcome_scores is not None:
-        outcome_scores = torch.as_tensor(outcome_scores)
-    _check_inputs(token_level_rewards, response_mask, index, outcome_scores)
-    if norm_adv_by_std_in_grpo is None:
-        norm_adv_by_std_in_grpo = bool(_config_get(config, "norm_adv_by_std_in_grpo", True))
-
+    outcome_scores = torch.as_tensor(outcome_scores, dtype=torch.float32, device=response_mask.device)
+    _check_shapes(outcome_scores, process_rewards, episode_mask, episode_ends, response_mask, index)
     with torch.no_grad():
-        batch = token_level_rewards.shape[0]
-        rows = torch.arange(batch, device=token_level_rewards.device)
-        last, has_tokens = _last_valid_index(response_mask)
-        if outcome_scores is None:
-            off_last = token_level_rewards.clone()
-            off_last[rows, last] = 0
-            if bool((off_last != 0).any()):
-                raise ValueError(
-                    "outcome_scores is required for l2t when token_level_rewards has rewards before the last "
-                    "valid token (process rewards): pass the L2T reward manager's outcome scores"
-                )
-            outcome_scores = token_level_rewards.sum(dim=-1)
-        outcome_scores = outcome_scores.to(device=token_level_rewards.device, dtype=token_level_rewards.dtype)
-        outcome_at_last = torch.zeros_like(token_level_rewards)
-        outcome_at_last[rows, last] = torch.where(has_tokens, outcome_scores, 0)
-
-        # verl's GRPO on one scalar per response, broadcast over the response exactly as verl does.
-        outcome_part, _ = compute_grpo_outcome_advantage(
-            token_level_rewards=outcome_scores.unsqueeze(-1).clone(),
-            response_mask=torch.ones_like(outcome_scores).unsqueeze(-1),
-            index=index,
-            epsilon=epsilon,
-            norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+        r_tilde = normalized_process_rewards(
+            process_rewards.float(), episode_mask, index, norm_adv_by_std_in_grpo, epsilon
         )
-        outcome_part = outcome_part * response_mask
-
-        valid = response_mask.bool()
-        process_rewards = torch.where(valid, token_level_rewards - outcome_at_last, 0)
-        advantages = outcome_part + _process_part(process_rewards, valid)
-    return advantages, advantages
+        outcome_part, process_part = advantage_parts(
+            outcome_scores,
+            r_tilde,
+            episode_mask,
+            episode_ends,
+            response_mask,
+            index,
+            alpha,
+            norm_adv_by_std_in_grpo,
+            epsilon,
+        )
+        advantages = outcome_part + process_part
+    return advantages, advantages.clone()

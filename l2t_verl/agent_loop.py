@@ -3,57 +3,21 @@
 Select it with ``actor_rollout_ref.rollout.agent.default_agent_loop=l2t`` (verl uses that name for
 every row without an ``agent_name`` column; a dataset row's ``agent_name`` overrides it per row).
 
-Per response (L2T_SPEC.md sections 1-2, 8):
+Per response (docs/method.md §§1-2, 8):
 
 1. generate exactly as verl's ``single_turn_agent`` does (chat template, one request);
 2. when ``l2t.enable``: cut the response into episodes (``l2t.episodes``) on its own token ids;
 3. when ``l2t.progress.enable`` too: send the K+1 J_r probes to the SAME server, through the same
    ``server_manager`` with the generation's request id, so the load balancer's sticky session
    routes them to the replica whose prefix cache holds the response (``l2t_verl.progress``);
-4. write the results into ``AgentLoopOutput.extra_fields``:
+4. write the results into ``AgentLoopOutput.extra_fields`` as the sample's
+   :class:`~l2t_verl.record.SampleRecord` (that module owns the field names).
 
-   ======================  ===========  ==================================================
-   key                     type         meaning
-   ======================  ===========  ==================================================
-   ``l2t_episode_ends``    list[int]    exclusive END token index of each episode (K)
-   ``l2t_jr``              list[float]  J_r before episode 1 .. after episode K (K+1), or []
-   ``l2t_delta_j``         list[float]  delta_J_k (K), or [] (K = 0, progress off, failure)
-   ``l2t_probe_failed``    bool         a probe failed: this response gets outcome only
-   ``l2t_probe_error``     str | None   why
-   ``l2t_probe_tokens``    int          tokens the server computed for the probes
-   ``l2t_probe_time_s``    float        probe wall time for this response
-   ``l2t_verifier_errors`` int          verifier errors inside sampling probes
-   ``l2t_alpha``           float        ``l2t.alpha`` (the reward manager places alpha*delta_J)
-   ======================  ===========  ==================================================
-
-Where the fields land (verl 0.9.1; read from ``verl/experimental/agent_loop/agent_loop.py``,
-``verl/trainer/ppo/v1/agent_loop_tq.py``, ``verl/experimental/reward_loop/``):
-
-- Reward manager input. With rule-based rewards (no reward model, or one on its own resource
-  pool) verl computes rewards INSIDE the rollout worker, per sample, right after ``run()``:
-  ``AgentLoopWorker._compute_score`` builds a one-row ``DataProto`` whose ``non_tensor_batch``
-  holds the dataset row's fields (``data_source``, ``reward_model``, ``extra_info``,
-  ``raw_prompt``, ``uid``, ...) plus ``tool_extra_fields`` = this ``extra_fields`` dict, and
-  calls ``RewardManager.run_single`` on it. Its ``reward_score`` becomes
-  ``AgentLoopOutput.reward_score`` and its ``reward_extra_info`` becomes
-  ``extra_fields["reward_extra_info"]``. ``assemble_rm_scores`` is NOT called on this path: it
-  only runs in ``RewardLoopManager.compute_rm_score`` (the non-streaming path; in the v1
-  trainer that path passes only ``raw_prompt``, so no ``l2t_*`` field reaches it).
-- Trainer batch, v1 (TransferQueue) path, the one ``l2t_verl.main`` runs:
-  ``AgentLoopWorkerTQ._agent_loop_postprocess`` stores ``output.as_dict()`` plus the row's fields
-  per sample. ``rm_scores`` (nested, one row per response) is ``reward_score`` (= ``r_out`` with
-  the ``l2t`` reward manager) on the last response token, zeros elsewhere. All of
-  ``extra_fields`` (the ``l2t_*`` keys, and ``reward_extra_info`` with ``l2t_outcome`` /
-  ``l2t_verifier_error`` / ``acc``) is kept as ONE per-sample dict in the TransferQueue field
-  ``"extra_fields"``: ``tq.kv_batch_get(..., select_fields=["extra_fields"])["extra_fields"]``
-  iterates as a list of dicts (``list(...)`` it). The dense reward is therefore built by the
-  driver from these fields (``l2t_verl.trainer``), with the same placement as
-  ``l2t_verl.reward_manager.dense_response_rewards``.
-- Trainer batch, legacy ``AgentLoopWorker._postprocess`` (``DataProto``): every ``extra_fields``
-  key becomes its own ``non_tensor_batch`` column (object arrays: ``l2t_episode_ends``, ...),
-  and every ``reward_extra_info`` key becomes a column too (``l2t_outcome``, ...). ``rm_scores``
-  there is verl's scalar-on-last-token when rewards streamed; on the non-streaming path the
-  ``l2t`` reward manager's ``assemble_rm_scores`` reads the ``l2t_*`` columns and makes it dense.
+Where the fields land (verl 0.9.1): with rule-based rewards verl scores each sample inside the rollout
+worker right after ``run()``; the ``l2t`` reward manager adds the outcome to
+``extra_fields["reward_extra_info"]``. On the v1 (TransferQueue) path that ``l2t_verl.main`` runs, the
+whole ``extra_fields`` dict is stored per sample in the TransferQueue field ``"extra_fields"``, where the
+L2T trainer reads it back (:func:`l2t_verl.record.read_records`).
 
 Probe requests bypass ``FullyAsyncLLMServerClient``'s resume loop (it rebuilds the reply and drops
 ``prompt_logprobs``): they go through the base ``LLMServerClient.generate`` of the same client.
@@ -73,6 +37,7 @@ from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient, LLMServer
 from l2t_verl import faults
 from l2t_verl.episodes import segment_episodes
 from l2t_verl.progress import ProgressResult, compute_progress
+from l2t_verl.record import SampleRecord
 from l2t_verl.settings import L2TConfig, L2TConfigError
 
 __all__ = ["L2T_AGENT_LOOP", "L2TAgentLoop", "l2t_config_of"]
@@ -171,17 +136,17 @@ class L2TAgentLoop(SingleTurnAgentLoop):
                 )
                 if result.failed:
                     logger.warning("l2t probes failed (outcome reward only): %s", result.error)
-        return {
-            "l2t_episode_ends": ends,
-            "l2t_jr": result.jr,
-            "l2t_delta_j": result.delta_j,
-            "l2t_probe_failed": result.failed,
-            "l2t_probe_error": result.error,
-            "l2t_probe_tokens": result.probe_tokens,
-            "l2t_probe_time_s": result.probe_time_s,
-            "l2t_verifier_errors": result.verifier_errors,
-            "l2t_alpha": float(cfg.alpha),
-        }
+        record = SampleRecord(
+            episode_ends=tuple(ends),
+            jr=tuple(result.jr),
+            delta_j=tuple(result.delta_j),
+            probe_failed=result.failed,
+            probe_error=result.error,
+            probe_tokens=result.probe_tokens,
+            probe_time_s=result.probe_time_s,
+            probe_verifier_errors=result.verifier_errors,
+        )
+        return record.to_extra_fields()
 
     def _probe_generate(self, request_id: str | None) -> Any:
         generate = _probe_generate_fn(self.server_manager)

@@ -1,4 +1,5 @@
-"""Start-up validation of verl parquet datasets (spec 8): a bad row is named before any worker starts.
+"""Start-up validation of verl parquet datasets (docs/method.md §8): a bad row is named before any
+worker starts.
 
 verl's ``RLHFDataset`` reads ``prompt`` (chat messages), ``data_source`` and ``reward_model.ground_truth``.
 A row without a usable ground truth would silently score 0 forever, and a ``data_source`` without a

@@ -1,4 +1,4 @@
-"""Token-exact episode segmentation of a sampled response (L2T_SPEC.md section 1).
+"""Token-exact episode segmentation of a sampled response (docs/method.md §1).
 
 A response ``z`` is cut into ``z = z_1 + ... + z_K + tail``. Boundaries are found on the decoded
 text (character offsets) and mapped back to token indices through an incremental decode of the
@@ -39,7 +39,7 @@ _REPLACEMENT_CHAR = "\ufffd"  # what a lossy UTF-8 decode emits for an incomplet
 
 @dataclass(frozen=True)
 class EpisodeConfig:
-    """``l2t.episodes`` settings (spec 1).
+    """``l2t.episodes`` settings (docs/method.md §1).
 
     mode: ``think_tags`` (every ``</think>`` closes an episode) or ``delimiter`` (the reasoning
         span is split at the regex ``delimiter``).
@@ -53,7 +53,7 @@ class EpisodeConfig:
     max_episodes: int = 20
 
     def validate(self) -> EpisodeConfig:
-        """Raise ``ValueError`` naming the offending key (spec 8); return ``self`` for chaining."""
+        """Raise ``ValueError`` naming the offending key (docs/method.md §8); return ``self`` for chaining."""
         if self.mode not in EPISODE_MODES:
             raise ValueError(f"l2t.episodes.mode must be one of {list(EPISODE_MODES)}; got {self.mode!r}")
         if not isinstance(self.delimiter, str) or not self.delimiter:
@@ -147,7 +147,7 @@ def _boundary_chars(text: str, cfg: EpisodeConfig) -> tuple[list[int], int]:
             return [], len(text)
         return closes[:-1], closes[-1]
     # delimiter mode: the reasoning span stops before the first </think>, so the probes of
-    # spec 2 can append their own "</think> ..." suffix after any episode prefix.
+    # docs/method.md §2 can append their own "</think> ..." suffix after any episode prefix.
     span_end = text.find(THINK_CLOSE)
     if span_end < 0:
         span_end = len(text)
@@ -181,7 +181,7 @@ def merge_short_episodes(ends: Sequence[int], min_tokens: int) -> list[int]:
 
 
 def cap_episodes(ends: Sequence[int], max_episodes: int) -> list[int]:
-    """Keep at most ``max_episodes`` episodes (spec 1).
+    """Keep at most ``max_episodes`` episodes (docs/method.md §1).
 
     The final end is kept; of the interior boundaries, the K-1 closest to equal token spacing
     ``j * ends[-1] / K`` (j = 1..K-1) are kept, each target greedily taking its nearest unused
@@ -208,7 +208,7 @@ def _trailing_stop_ids(tokenizer: Any) -> set[int]:
 def segment_episodes(
     response_ids: Sequence[int], tokenizer: Any, cfg: EpisodeConfig | None = None
 ) -> list[int]:
-    """Episode END token indices of a response (spec 1).
+    """Episode END token indices of a response (docs/method.md §1).
 
     - ``think_tags``: each ``</think>`` closes an episode; the boundary is just after the token
       that completes the tag. Text after the last ``</think>`` is the tail.

@@ -22,7 +22,7 @@ by the fixed token budget ``L_max``::
 ``r_out`` is the outcome verifier's score in [0, 1] (binary for math and code), so with
 ``correct_only`` the reward is ``r_out * (1 - coef * frac)``. The reward goes on the last response token
 and GRPO normalises it within the prompt group, as for the GRPO baseline. Verifier failures score 0 and
-are counted, exactly as in the ``l2t`` reward manager this class extends (spec 8).
+are counted, exactly as in the ``l2t`` reward manager this class extends (docs/method.md §8).
 """
 
 from __future__ import annotations
@@ -137,8 +137,7 @@ class LengthPenaltyRewardManager(L2TRewardManager):
     ``reward_extra_info`` keeps a fixed key set, as verl requires: the inherited ``acc``, ``l2t_outcome``,
     ``l2t_verifier_error`` (``acc`` stays the verifier's score, so accuracy is comparable across
     baselines) plus ``length_penalty`` (the amount subtracted) and ``response_length``.
-    ``assemble_rm_scores`` is inherited: without ``l2t_*`` fields (this baseline runs the stock
-    single-turn agent loop) it puts the reward on the last valid response token, like verl's own.
+    ``assemble_rm_scores`` is verl's own: the reward on the last valid response token.
     """
 
     def __init__(self, config: Any, tokenizer: Any, compute_score: Any, **kwargs: Any) -> None:

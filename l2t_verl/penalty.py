@@ -1,4 +1,4 @@
-"""Parameter compression penalty of L2T (spec section 3; paper Theorem 4.2, eq. 4).
+"""Parameter compression penalty of L2T (docs/method.md §3; paper Theorem 4.2, eq. 4).
 
 For a proxy set ``P`` of weight matrices (chosen by a regex) and episode ``k`` of a response::
 
@@ -21,7 +21,7 @@ This module is pure torch + stdlib: it works on any ``nn.Module`` whose
 :func:`torch.func.functional_call`, which puts the originals back even when the forward raises.
 
 Non-finite values (NaN/inf weights, updates or logits) are NOT repaired here: they propagate into
-the returned penalties so that the caller can count them (``l2t/penalty_nonfinite``, spec 8).
+the returned penalties so that the caller can count them (``l2t/penalty_nonfinite``, docs/method.md §8).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def last_layer_mlp_regex(model: nn.Module) -> str:
 
 
 def random_layer_regex(model: nn.Module, fraction: float = 0.3, seed: int = 0) -> str:
-    """Regex for the MLP weights of a random ``fraction`` of the decoder layers (spec 6, ablation
+    """Regex for the MLP weights of a random ``fraction`` of the decoder layers (docs/method.md §6, ablation
     ``random_layers``; paper Fig. 4/9: a random 30% of layers).
 
     The choice depends only on ``seed`` and the layer count, so every data-parallel rank picks the
@@ -160,7 +160,7 @@ def _truncated_svd(a: Tensor, rank: int, method: SvdMethod, seed: int) -> tuple[
     """Rank-``rank`` factors ``(U * S, Vh)`` of ``a``; ``rank`` is already clipped to ``min(a.shape)``."""
     m, n = a.shape
     if not bool(torch.isfinite(a).all()):
-        # Keep the step alive (spec 8): NaN factors give NaN penalties, which the caller counts.
+        # Keep the step alive (docs/method.md §8): NaN factors give NaN penalties, which the caller counts.
         nan = float("nan")
         return a.new_full((m, rank), nan), a.new_full((rank, n), nan)
     if not bool(a.any()):
@@ -238,7 +238,7 @@ class LowRankUpdate:
         svd: SvdMethod = "auto",
         seed: int = 0,
     ) -> LowRankUpdate:
-        """Build ``dW_r`` from ``dW = current[name] - reference[name]`` (spec 3).
+        """Build ``dW_r`` from ``dW = current[name] - reference[name]`` (docs/method.md §3).
 
         ``svd``: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (seeded, power-iterated) or
         ``"auto"``: exact up to :data:`EXACT_SVD_MAX_NUMEL` entries or when ``rank`` is close to
@@ -618,7 +618,7 @@ def episode_penalties(
     forward_kwargs: Mapping[str, Any] | None = None,
     k_max: int | None = None,
 ) -> Tensor:
-    """Raw penalties ``p_k = <dW_r, g_k>^2 + damping * ||dW_r||^2`` (spec 3), shape ``[B, K_max]``.
+    """Raw penalties ``p_k = <dW_r, g_k>^2 + damping * ||dW_r||^2`` (docs/method.md §3), shape ``[B, K_max]``.
 
     ``episode_ids`` ``[B, T]``: ``k >= 0`` marks the tokens of episode k (position t's log-prob is
     predicted from logits at t - 1, so ``episode_ids[:, 0]`` must be -1), ``-1`` elsewhere.

@@ -1,4 +1,4 @@
-"""J_r probes at the episode boundaries of one response (L2T_SPEC.md section 2).
+"""J_r probes at the episode boundaries of one response (docs/method.md §2).
 
 For a response cut into episodes with END token indices ``ends`` (``l2t_verl.episodes``), the
 probe before episode ``k+1`` (k = 0..K) is::
@@ -20,14 +20,14 @@ Estimators (``l2t.progress.estimator``):
   incorrect and is counted in ``verifier_errors``.
 
 Token ids are never re-tokenized: the force suffix and the answer are tokenized once, on their
-own, and concatenated to the sampled ids (spec 1: BPE does not round-trip).
+own, and concatenated to the sampled ids (docs/method.md §1: BPE does not round-trip).
 
 K = 0 (empty response or empty reasoning span): no probe is sent and ``jr == delta_j == []``;
 there is no episode to credit, so ``J_0`` alone would only cost a request.
 
 A failed probe request (exception, aborted request, malformed reply, or the whole set running
 past ``timeout_s``) gives ``failed=True`` with ``jr == delta_j == []``: that response gets the
-outcome reward only (spec 8). Nothing here raises for a bad probe.
+outcome reward only (docs/method.md §8). Nothing here raises for a bad probe.
 
 This module talks to the server through a plain ``generate(prompt_ids, sampling_params)``
 coroutine, so it runs against verl's ``LLMServerClient``, the local ``hf`` server, or a test stub.
@@ -45,7 +45,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l2t_verl.settings import ProgressConfig
+from l2t_verl.episodes import THINK_CLOSE
+from l2t_verl.rewards import check_episode_ends
+from l2t_verl.scoring.arith import closing_brace
+from l2t_verl.settings import L2TConfigError, ProgressConfig
 
 __all__ = [
     "DEFAULT_VERIFIER_TIMEOUT_S",
@@ -54,10 +57,14 @@ __all__ = [
     "ProgressResult",
     "VerifierFn",
     "answer_token_ids",
+    "check_answer_suffix",
     "compute_progress",
     "deltas",
+    "ends_with_think_close",
     "force_token_ids",
+    "forced_probe_prompts",
     "ground_truth_text",
+    "normalize_answer",
     "likelihood_from_prompt_logprobs",
     "probe_boundaries",
     "probe_prompts",
@@ -113,17 +120,47 @@ def probe_prompts(
     response_ids: Sequence[int],
     episode_ends: Sequence[int],
     force_ids: Sequence[int],
+    closed_force_ids: Sequence[int] | None = None,
+    tokenizer: Any = None,
 ) -> list[list[int]]:
-    """``prompt_ids + response_ids[:b_k] + force_ids`` for every boundary ``b_k``."""
+    """``prompt_ids + response_ids[:b_k] + force`` for every boundary ``b_k``.
+
+    ``force`` is ``closed_force_ids`` where the prefix already ends with ``</think>`` (needs
+    ``tokenizer`` to see it), else ``force_ids``.
+    """
     prompt, response, force = (list(map(int, x)) for x in (prompt_ids, response_ids, force_ids))
-    bounds = probe_boundaries(episode_ends)
-    if bounds and (
-        any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)) or bounds[-1] > len(response)
-    ):
-        raise ValueError(
-            f"episode_ends must be strictly increasing within [1, {len(response)}]; got {list(episode_ends)}"
-        )
-    return [prompt + response[:b] + force for b in bounds]
+    check_episode_ends(episode_ends, len(response))
+    prompts = []
+    for b in probe_boundaries(episode_ends):
+        prefix = prompt + response[:b]
+        suffix = force
+        if (
+            closed_force_ids is not None
+            and tokenizer is not None
+            and ends_with_think_close(tokenizer, prefix)
+        ):
+            suffix = list(map(int, closed_force_ids))
+        prompts.append(prefix + suffix)
+    return prompts
+
+
+def forced_probe_prompts(
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[int],
+    episode_ends: Sequence[int],
+    tokenizer: Any,
+    cfg: ProgressConfig,
+) -> list[list[int]]:
+    """The K+1 probe prompts of a response with the configured force suffix, closing the reasoning only
+    where the prefix has not closed it already (docs/method.md §2)."""
+    return probe_prompts(
+        prompt_ids,
+        response_ids,
+        episode_ends,
+        force_token_ids(tokenizer, cfg),
+        force_token_ids(tokenizer, cfg, closed=True),
+        tokenizer,
+    )
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -131,13 +168,57 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return [int(t) for t in ids]
 
 
-def force_token_ids(tokenizer: Any, cfg: ProgressConfig) -> list[int]:
-    """The force suffix, tokenized on its own (it is appended to sampled ids, never merged with them)."""
-    return _encode(tokenizer, cfg.force_suffix)
+def force_token_ids(tokenizer: Any, cfg: ProgressConfig, closed: bool = False) -> list[int]:
+    """The force suffix, tokenized on its own (it is appended to sampled ids, never merged with them).
+
+    ``closed``: the prefix already ends with ``</think>`` (every probe after an episode in
+    ``think_tags`` mode), so the part of the suffix up to and including its own ``</think>`` is left
+    out: the reasoning must not be closed twice.
+    """
+    text = cfg.force_suffix
+    if closed and THINK_CLOSE in text:
+        text = text.split(THINK_CLOSE, 1)[1]
+    return _encode(tokenizer, text)
+
+
+# Enough tokens to hold "</think>" even where it is not one special token (8 characters, each at
+# worst one byte-level token), plus trailing white space.
+_TAIL_TOKENS = 16
+
+
+def ends_with_think_close(tokenizer: Any, ids: Sequence[int]) -> bool:
+    """Whether the text of ``ids`` ends with ``</think>`` (trailing white space aside)."""
+    tail = tokenizer.decode([int(t) for t in ids[-_TAIL_TOKENS:]], skip_special_tokens=False)
+    return tail.rstrip().endswith(THINK_CLOSE)
+
+
+_WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_BOXED = "\\boxed{"
+
+
+def normalize_answer(text: str) -> str:
+    """``y*`` as the policy writes it inside the force suffix's ``\\boxed{``: surrounding white space,
+    ``$...$``, ``\\(...\\)`` and a whole-answer ``\\boxed{...}`` stripped, repeatedly (the verifier
+    accepts those forms; the probe must not ask the policy to write them a second time)."""
+    while True:
+        before = text
+        text = text.strip()
+        for left, right in _WRAPPERS:
+            inner = text[len(left) : len(text) - len(right)]
+            # "$a$ and $b$" is not one wrapped answer: the inner part must not close it early.
+            if len(text) >= len(left) + len(right) and text.startswith(left) and text.endswith(right):
+                if right not in inner:
+                    text = inner
+                    break
+        if text.startswith(_BOXED) and closing_brace(text, len(_BOXED), 1) == len(text) - 1:
+            text = text[len(_BOXED) : -1]
+        if text == before:
+            return text
 
 
 def ground_truth_text(ground_truth: Any) -> str | None:
-    """The answer string a probe should produce, or ``None`` when there is no usable one.
+    """The answer string a probe should produce (:func:`normalize_answer`), or ``None`` when there is
+    no usable one.
 
     Strings and numbers are used as they are; for a list of acceptable answers the first one is
     the probe target (the likelihood estimator needs one token sequence).
@@ -148,12 +229,37 @@ def ground_truth_text(ground_truth: Any) -> str | None:
         return ground_truth_text(ground_truth[0]) if ground_truth else None
     if ground_truth is None or isinstance(ground_truth, bool):
         return None
-    text = str(ground_truth)
-    return text if text.strip() else None
+    text = normalize_answer(str(ground_truth))
+    return text if text else None
+
+
+# What a policy commonly writes right after the closing of its answer (section 2).
+_CONTINUATIONS = (".", ",", "\n", " ", "$")
+
+
+def check_answer_suffix(tokenizer: Any, answer_suffix: str) -> None:
+    """Start-up check (section 2): the ids of ``answer_suffix`` must stay a prefix of the ids of
+    ``answer_suffix`` followed by a common continuation. Otherwise BPE merges the closing with what
+    the policy writes next, and the scored token is one the policy never emits (J_r ~ 1e-9).
+    Raises ``L2TConfigError`` naming ``l2t.progress.answer_suffix`` and the merged token."""
+    if not answer_suffix:
+        return
+    closing = _encode(tokenizer, answer_suffix)
+    for cont in _CONTINUATIONS:
+        merged = _encode(tokenizer, answer_suffix + cont)
+        if merged[: len(closing)] != closing:
+            first = next(i for i, (a, b) in enumerate(zip(closing, merged, strict=False)) if a != b)
+            token = tokenizer.decode(merged[first : first + 1])
+            raise L2TConfigError(
+                f"l2t.progress.answer_suffix={answer_suffix!r} merges with a following {cont!r} into the "
+                f"token {token!r}, which the probe would then never score; end answer_suffix with what the "
+                f"model writes after its answer (e.g. {answer_suffix + cont!r})"
+            )
 
 
 def answer_token_ids(tokenizer: Any, ground_truth: str, cfg: ProgressConfig) -> list[int]:
-    """``ground_truth + answer_suffix`` tokenized on its own (spec 2: ``y*`` plus the closing ``}``)."""
+    """``ground_truth + answer_suffix`` tokenized on its own (docs/method.md §2: ``y*`` plus the closing
+    ``}``)."""
     return _encode(tokenizer, ground_truth + cfg.answer_suffix)
 
 
@@ -318,7 +424,7 @@ async def compute_progress(
     if not bounds:
         return ProgressResult()
     try:
-        prompts = probe_prompts(prompt_ids, response_ids, episode_ends, force_token_ids(tokenizer, cfg))
+        prompts = forced_probe_prompts(prompt_ids, response_ids, episode_ends, tokenizer, cfg)
         target = ground_truth_text(ground_truth)
         if target is None:
             raise ProbeError(f"no usable ground truth for the J_r probes: {ground_truth!r}")

@@ -1,4 +1,4 @@
-"""The ``l2t`` config group: typed settings and their start-up validation (spec 8).
+"""The ``l2t`` config group: typed settings and their start-up validation (docs/method.md §8).
 
 The YAML lives in ``config/l2t_trainer.yaml`` under ``l2t:``; both the rollout side (agent loop, reward
 manager) and the actor side (penalty) read it through :func:`L2TConfig.from_config`, so a bad value is
@@ -24,7 +24,7 @@ class L2TConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ProgressConfig:
-    """J_r probes (spec 2)."""
+    """J_r probes (docs/method.md §2)."""
 
     enable: bool = True
     estimator: str = "likelihood"  # likelihood | sampling
@@ -47,7 +47,7 @@ class ProgressConfig:
 
 @dataclass(frozen=True)
 class PenaltyConfig:
-    """Parameter compression penalty (spec 3)."""
+    """Parameter compression penalty (docs/method.md §3)."""
 
     enable: bool = True
     proxy: str = "lowrank_svd"  # lowrank_svd | random_layers
@@ -55,14 +55,17 @@ class PenaltyConfig:
     rank: int = 8
     damping: float = 1e-5
     reference: str = "previous_step"  # previous_step | initial
-    normalize: str = "batch_mean"  # batch_mean | none
+    normalize: str = "delta_j"  # delta_j | batch_mean | none (docs/method.md §3)
+    clip: float = 10.0  # p_hat <= clip * mean|delta_J| (batch_mean: <= clip)
     random_fraction: float = 0.3  # random_layers only
     seed: int = 0
 
     def validate(self) -> None:
         _one_of("l2t.penalty.proxy", self.proxy, ("lowrank_svd", "random_layers"))
         _one_of("l2t.penalty.reference", self.reference, ("previous_step", "initial"))
-        _one_of("l2t.penalty.normalize", self.normalize, ("batch_mean", "none"))
+        _one_of("l2t.penalty.normalize", self.normalize, ("delta_j", "batch_mean", "none"))
+        if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not self.clip > 0:
+            raise L2TConfigError(f"l2t.penalty.clip must be a number > 0; got {self.clip!r}")
         _positive_int("l2t.penalty.rank", self.rank)
         if not (isinstance(self.damping, (int, float)) and self.damping > 0):
             raise L2TConfigError(f"l2t.penalty.damping must be > 0; got {self.damping!r}")

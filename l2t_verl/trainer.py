@@ -1,17 +1,18 @@
-"""The ``l2t`` trainer: verl's synchronous v1 PPO trainer with the L2T steps added (spec 3-5, 7).
+"""The ``l2t`` trainer: verl's synchronous v1 PPO trainer with the L2T steps added (docs/method.md 3-5, 7).
 
 One training step, in verl's order (``PPOTrainer._step_once``):
 
 1. rollout  — agent loop ``l2t`` (:mod:`l2t_verl.agent_loop`, rollout workers): generate, cut into
-   episodes, probe J_r at every boundary; results ride along as ``extra_fields.l2t_*``;
-2. reward   — the outcome verifier gives ``r_out`` (on the last token of ``rm_scores``);
+   episodes, probe J_r at every boundary; each sample's :class:`~l2t_verl.record.SampleRecord` rides
+   along in ``extra_fields``;
+2. reward   — the ``l2t`` reward manager's outcome verifier gives ``r_out``;
 3. old log-prob — as in verl;
 4. **penalty** — :meth:`L2TTrainer._compute_penalty`: the actor workers
    (:class:`~l2t_verl.worker_extension.L2TActorRolloutRefWorker`) return the raw Fisher penalties
-   ``p_k`` per episode of their own samples;
-5. **advantage** — :meth:`L2TTrainer._compute_advantage`: ``p_hat = p / mean(p)``,
-   ``r_k = dJ_k - beta * p_hat_k``, dense rewards ``r_out`` (last token) + ``alpha * r_k`` (episode k's
-   last token), then the ``l2t`` estimator (:func:`l2t_verl.advantage.compute_l2t_advantage`);
+   ``p_k`` per rewarded episode of their own samples;
+5. **advantage** — :meth:`L2TTrainer._compute_advantage` reads the records, outcomes and penalties and
+   hands them to :func:`l2t_verl.step.l2t_step` (``p_hat``, ``r_k``, the process-supervised GRPO
+   advantage, the ``l2t/`` metrics);
 6. actor update — as in verl (the worker first keeps P's pre-update copy as the next reference).
 """
 
@@ -35,10 +36,10 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.debug import marked_timer
 from verl.workers.utils.padding import response_to_nested
 
-from l2t_verl.advantage import compute_l2t_advantage
 from l2t_verl.episodes import episode_ids_for
-from l2t_verl.rewards import dense_token_rewards, normalize_penalties
+from l2t_verl.record import SampleRecord, read_records
 from l2t_verl.settings import L2TConfig
+from l2t_verl.step import JrHealth, StepResult, l2t_step
 from l2t_verl.worker_extension import (
     EPISODE_IDS_KEY,
     PENALTY_KEY,
@@ -47,18 +48,6 @@ from l2t_verl.worker_extension import (
 )
 
 _ACTOR_ROLES = (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor)
-
-
-def _valid_ends(ends: Any, response_len: int) -> list[int]:
-    """Episode ends as the agent loop wrote them; anything inconsistent counts as no episode."""
-    values = [int(e) for e in (ends or [])]
-    if (
-        values
-        and all(b > a for a, b in zip([0, *values], values, strict=False))
-        and values[-1] <= response_len
-    ):
-        return values
-    return []
 
 
 def _extra(fields: Any, n: int) -> list[dict]:
@@ -73,6 +62,7 @@ def _extra(fields: Any, n: int) -> list[dict]:
 class L2TTrainer(PPOTrainerSync):
     def __init__(self, config) -> None:
         self.l2t = L2TConfig.from_config(config)
+        self._jr_health = JrHealth()
         super().__init__(config)
 
     # verl selects a trainer class by ``trainer.v1.trainer_mode`` and then branches on
@@ -104,28 +94,34 @@ class L2TTrainer(PPOTrainerSync):
             batch = self._compute_penalty(batch, metrics)
         return batch
 
-    def _episode_ends(self, batch) -> tuple[list[list[int]], list[dict], torch.Tensor]:
-        """Episode ends, the raw ``extra_fields`` and the response lengths of every sample."""
+    def _records(self, batch) -> tuple[list[SampleRecord], int, torch.Tensor]:
+        """Every sample's checked :class:`SampleRecord`, the number found malformed, the response lengths."""
         data = tq.kv_batch_get(
             keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields", "response_mask"]
         )
         extras = _extra(data.get("extra_fields", None), len(batch))
         lengths = data["response_mask"].offsets().diff()
-        ends = [
-            _valid_ends(x.get("l2t_episode_ends"), n) for x, n in zip(extras, lengths.tolist(), strict=True)
-        ]
-        return ends, extras, lengths
+        records, malformed = read_records(
+            extras, lengths.tolist(), self.l2t.progress_active, self.l2t.episodes.max_episodes
+        )
+        return records, malformed, lengths
 
     def _compute_penalty(self, batch, metrics: dict):
         k_max = self.l2t.episodes.max_episodes
         if not self.l2t.penalty_active:
             return batch
         start = time.perf_counter()
-        ends, _, lengths = self._episode_ends(batch)
+        records, _, lengths = self._records(batch)
+        progress = self.l2t.progress_active
+        # Only rewarded episodes get a penalty: a response whose probes failed gets its outcome only,
+        # so its tokens are all marked "no episode" (-1) and cost the actor nothing.
         episode_ids = torch.nested.as_nested_tensor(
             [
-                torch.tensor(episode_ids_for(int(n), e), dtype=torch.long)
-                for n, e in zip(lengths.tolist(), ends, strict=True)
+                torch.tensor(
+                    episode_ids_for(int(n), [] if progress and r.probe_failed else r.episode_ends),
+                    dtype=torch.long,
+                )
+                for n, r in zip(lengths.tolist(), records, strict=True)
             ],
             layout=torch.jagged,
         )
@@ -169,121 +165,66 @@ class L2TTrainer(PPOTrainerSync):
         padded = data.to_padded_tensor()
         uid = np.array(padded.pop("uid").tolist(), dtype=object)
         response_mask = padded["response_mask"]
-        scores = padded["rm_scores"].float()
-        ends, extras, lengths = self._episode_ends(batch)
-        outcome = self._outcomes(extras, scores, lengths)
+        records, malformed, lengths = self._records(batch)
+        outcomes = _outcomes(records, padded["rm_scores"].float(), lengths)
 
-        k_max = self.l2t.episodes.max_episodes
-        n = len(batch)
-        exists = torch.zeros(n, k_max, dtype=torch.bool)
-        delta_j = torch.zeros(n, k_max)
-        for i, (x, e) in enumerate(zip(extras, ends, strict=True)):
-            exists[i, : len(e)] = True
-            dj = x.get("l2t_delta_j") or []
-            if self.l2t.progress_active and len(dj) == len(e):
-                delta_j[i, : len(e)] = torch.tensor(dj, dtype=torch.float32)
-        if self.l2t.penalty_active:
-            raw = padded[PENALTY_KEY].float()[:, :k_max]
-            p_hat, nonfinite = normalize_penalties(raw, exists, self.l2t.penalty.normalize)
-            raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
-        else:
-            raw = p_hat = torch.zeros(n, k_max)
-            nonfinite = 0
-        # Spec 8: a response whose probes failed gets no process reward at all (outcome only).
-        failed = torch.tensor([self.l2t.progress_active and bool(x.get("l2t_probe_failed")) for x in extras])
-        rewarded = exists & ~failed[:, None]
-        process = torch.where(rewarded, delta_j - self.l2t.beta * p_hat, torch.zeros_like(delta_j))
-
-        # Dense token rewards (spec 4): r_out on the last valid token, alpha * r_k on episode k's last.
-        rewards = torch.zeros_like(scores)
-        for i, (e, length) in enumerate(zip(ends, lengths.tolist(), strict=True)):
-            rewards[i, :length] = dense_token_rewards(
-                length, e, float(outcome[i]), process[i, : len(e)].tolist(), self.l2t.alpha
-            )
-        advantages, returns = compute_l2t_advantage(
-            token_level_rewards=rewards,
-            response_mask=response_mask,
-            index=uid,
-            config=self.config.algorithm,
-            outcome_scores=outcome,
+        result = l2t_step(
+            records,
+            outcomes,
+            response_mask,
+            uid,
+            self.l2t,
+            raw_penalties=padded[PENALTY_KEY] if self.l2t.penalty_active else None,
+            norm_adv_by_std_in_grpo=bool(self.config.algorithm.get("norm_adv_by_std_in_grpo", True)),
         )
-        output = {
-            "advantages": response_to_nested(advantages, response_mask_nested),
-            "returns": response_to_nested(returns, response_mask_nested),
-        }
+        nested = response_to_nested(result.advantages, response_mask_nested)
         batch = tq.kv_batch_put(
-            keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=n)
+            keys=batch.keys,
+            partition_id=batch.partition_id,
+            fields=TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch)),
         )
-        metrics.update(
-            self._l2t_metrics(extras, ends, exists, raw, p_hat, process, outcome, lengths, nonfinite)
-        )
+        metrics.update(result.metrics)
+        metrics["l2t/malformed_records"] = float(malformed)
+        self._jr_health.update(result.metrics)
         if sequences is not None:
-            self._dump(sequences, uid, ends, extras, outcome, raw, p_hat, advantages, response_mask)
+            self._dump(sequences, uid, records, outcomes, result, response_mask)
         return batch
 
-    def _dump(self, sequences, uid, ends, extras, outcome, raw, p_hat, advantages, response_mask) -> None:
+    def _dump(self, sequences, uid, records, outcomes, result: StepResult, response_mask) -> None:
         """One JSON line per sample to ``l2t.dump_dir/step_N.jsonl``. ``sequence_sha1`` (of prompt +
         response token ids) identifies a sample across runs, where verl's ``uid`` is random."""
         folder = Path(self.l2t.dump_dir)
         folder.mkdir(parents=True, exist_ok=True)
         rows = sequences.unbind(0) if sequences.is_nested else list(sequences)
         with (folder / f"step_{self.global_steps}.jsonl").open("w") as fh:
-            for i, (seq, e, x) in enumerate(zip(rows, ends, extras, strict=True)):
+            for i, (seq, record) in enumerate(zip(rows, records, strict=True)):
                 tokens = seq.reshape(-1).tolist()
-                record = {
+                n = int(response_mask[i].sum())
+                k = record.num_episodes
+                row = {
                     "uid": str(uid[i]),
                     "sequence_sha1": hashlib.sha1(json.dumps(tokens).encode()).hexdigest(),
-                    "response_tokens": int(response_mask[i].sum()),
-                    "episode_ends": e,
-                    "jr": x.get("l2t_jr") or [],
-                    "delta_j": x.get("l2t_delta_j") or [],
-                    "probe_failed": bool(x.get("l2t_probe_failed")),
-                    "outcome": float(outcome[i]),
-                    "penalty_raw": raw[i, : len(e)].tolist(),
-                    "penalty_hat": p_hat[i, : len(e)].tolist(),
-                    "advantages": advantages[i][response_mask[i].bool()].tolist(),
+                    "response_tokens": n,
+                    "response_ids": tokens[len(tokens) - n :],
+                    "episode_ends": list(record.episode_ends),
+                    "rewarded": result.episode_mask[i, :k].tolist(),
+                    "jr": list(record.jr),
+                    "delta_j": list(record.delta_j),
+                    "probe_failed": record.probe_failed,
+                    "probe_error": record.probe_error,
+                    "outcome": float(outcomes[i]),
+                    "penalty_raw": result.penalty_raw[i, :k].tolist(),
+                    "penalty_hat": result.penalty_hat[i, :k].tolist(),
+                    "process_reward": result.process_rewards[i, :k].tolist(),
+                    "process_reward_normalized": result.normalized_process[i, :k].tolist(),
+                    "advantages": result.advantages[i][response_mask[i].bool()].tolist(),
                 }
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(row) + "\n")
 
-    @staticmethod
-    def _outcomes(extras: list[dict], scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """r_out per sample: the ``l2t`` reward manager's ``l2t_outcome``; with any other manager, the
-        scalar verl put on the last response token."""
-        last = scores[torch.arange(len(extras)), (lengths - 1).clamp(min=0)]
-        values = []
-        for i, x in enumerate(extras):
-            info = x.get("reward_extra_info") or {}
-            values.append(float(info["l2t_outcome"]) if "l2t_outcome" in info else float(last[i]))
-        return torch.tensor(values, dtype=torch.float32)
 
-    def _l2t_metrics(self, extras, ends, exists, raw, p_hat, process, outcome, lengths, nonfinite) -> dict:
-        """Spec 7: what every step reports under ``l2t/``."""
-        k = torch.tensor([len(e) for e in ends], dtype=torch.float32)
-        jr = [x.get("l2t_jr") or [] for x in extras]
-        dj = [d for x in extras for d in (x.get("l2t_delta_j") or [])]
-        probed = [j for j in jr if j]
-        held = exists.sum().clamp(min=1)
-
-        def mean(values) -> float:
-            return float(np.mean(values)) if len(values) else 0.0
-
-        return {
-            "l2t/episodes_per_response/mean": float(k.mean()),
-            "l2t/episodes_per_response/max": float(k.max()) if len(k) else 0.0,
-            "l2t/jr_first": mean([j[0] for j in probed]),
-            "l2t/jr_last": mean([j[-1] for j in probed]),
-            "l2t/delta_jr_mean": mean(dj),
-            "l2t/penalty_raw_mean": float((raw * exists).sum() / held),
-            "l2t/penalty_mean": float((p_hat * exists).sum() / held),
-            "l2t/process_reward_mean": float((process * exists).sum() / held),
-            "l2t/outcome_acc": float(outcome.mean()),
-            "l2t/response_tokens_mean": float(lengths.float().mean()),
-            "l2t/probe_tokens_per_response": mean([x.get("l2t_probe_tokens", 0) for x in extras]),
-            "l2t/probe_time_s": float(sum(x.get("l2t_probe_time_s", 0.0) for x in extras)),
-            "l2t/probe_failures": float(sum(bool(x.get("l2t_probe_failed")) for x in extras)),
-            "l2t/verifier_errors": float(
-                sum(int(x.get("l2t_verifier_errors", 0)) for x in extras)
-                + sum(int((x.get("reward_extra_info") or {}).get("l2t_verifier_error", 0)) for x in extras)
-            ),
-            "l2t/penalty_nonfinite": float(nonfinite),
-        }
+def _outcomes(records: list[SampleRecord], scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """r_out per sample: the ``l2t`` reward manager's outcome; with any other manager, the scalar verl
+    put on the last response token."""
+    last = scores[torch.arange(len(records)), (lengths - 1).clamp(min=0)]
+    values = [float(r.outcome) if r.outcome is not None else float(last[i]) for i, r in enumerate(records)]
+    return torch.tensor(values, dtype=torch.float32)

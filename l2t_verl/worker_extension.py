@@ -1,4 +1,4 @@
-"""Actor side of L2T: the compression penalty (spec 3) computed inside verl's actor workers.
+"""Actor side of L2T: the compression penalty (docs/method.md §3) computed inside verl's actor workers.
 
 :class:`L2TActorRolloutRefWorker` is verl's own hybrid ``ActorRolloutRefWorker`` with two additions:
 
@@ -50,7 +50,7 @@ def _full(param: torch.Tensor) -> torch.Tensor:
 
 
 def proxy_regex(module: torch.nn.Module, settings: dict) -> str:
-    """The proxy set P of spec 3 / 6: an explicit regex, the last layer's MLP, or random layers."""
+    """The proxy set P of docs/method.md §3 / 6: an explicit regex, the last layer's MLP, or random layers."""
     if settings.get("modules"):
         return settings["modules"]
     if settings.get("proxy") == "random_layers":
@@ -107,24 +107,26 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
         if settings is None:
             raise KeyError(f"compute_l2t_penalty needs the non-tensor entry {PENALTY_SETTINGS_KEY!r}")
         self._l2t_settings = dict(settings)
-        current = self._l2t_snapshot()
-        if self._l2t_reference is None and settings["reference"] == "initial":
-            self._l2t_reference = {k: v.clone() for k, v in current.items()}
         k_max = int(settings["max_episodes"])
         batch = len(data)
-        if self._l2t_reference is None:
-            # Step 1 under `previous_step`: no update yet, so every penalty is exactly 0 (spec 3).
-            return TensorDict({PENALTY_KEY: torch.zeros(batch, k_max)}, batch_size=[batch])
-
-        update = LowRankUpdate.from_tensors(
-            current, self._l2t_reference, rank=int(settings["rank"]), seed=int(settings["seed"])
-        )
-        ids, mask, position_ids, episode_ids = padded_penalty_batch(data)
-        module = self.actor.engine.module
-        device = next(module.parameters()).device
-        micro = int(settings.get("micro_batch_size") or batch)
-        chunks = []
+        # Everything that touches the parameters runs inside the engine's eval mode: under parameter
+        # offload that is what brings them back onto the device (and full_tensor() is a collective
+        # over the device mesh).
         with self.actor.engine.eval_mode():
+            current = self._l2t_snapshot()
+            if self._l2t_reference is None and settings["reference"] == "initial":
+                self._l2t_reference = {k: v.clone() for k, v in current.items()}
+            if self._l2t_reference is None:
+                # Step 1 under `previous_step`: no update yet, so every penalty is exactly 0.
+                return TensorDict({PENALTY_KEY: torch.zeros(batch, k_max)}, batch_size=[batch])
+            update = LowRankUpdate.from_tensors(
+                current, self._l2t_reference, rank=int(settings["rank"]), seed=int(settings["seed"])
+            )
+            ids, mask, position_ids, episode_ids = padded_penalty_batch(data)
+            module = self.actor.engine.module
+            device = next(module.parameters()).device
+            micro = int(settings.get("micro_batch_size") or batch)
+            chunks = []
             for start in range(0, batch, micro):
                 rows = slice(start, start + micro)
                 chunks.append(
@@ -172,6 +174,8 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def update_actor(self, data: TensorDict) -> TensorDict:
         if self._l2t_settings is not None and self._l2t_settings["reference"] == "previous_step":
-            # W_ref of the next step's penalty = P as it is before this step's optimizer update.
-            self._l2t_reference = self._l2t_snapshot()
+            # W_ref of the next step's penalty = P as it is before this step's optimizer update
+            # (in eval mode for the same reason as in compute_l2t_penalty).
+            with self.actor.engine.eval_mode():
+                self._l2t_reference = self._l2t_snapshot()
         return super().update_actor(data)

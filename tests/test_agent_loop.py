@@ -18,7 +18,7 @@ import l2t_verl
 from l2t_verl.agent_loop import L2TAgentLoop
 from l2t_verl.episodes import segment_episodes
 from l2t_verl.progress import force_token_ids
-from l2t_verl.reward_manager import L2T_FIELD_KEYS
+from l2t_verl.record import SampleRecord
 from l2t_verl.settings import ProgressConfig
 
 FORCED_RESPONSE = (
@@ -176,7 +176,9 @@ async def test_run_segments_probes_and_matches_brute_force(assets, config, token
     row = rows[0]
     output = await loop.run({"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True}, **row)
     extra = output.extra_fields
-    assert set(L2T_FIELD_KEYS) <= set(extra)
+    assert set(SampleRecord().to_extra_fields()) <= set(extra)
+    record = SampleRecord.from_extra_fields(extra)
+    record.check(len(output.response_ids), progress=True)
     assert output.response_ids == client.response_ids
 
     ends = extra["l2t_episode_ends"]
@@ -192,7 +194,6 @@ async def test_run_segments_probes_and_matches_brute_force(assets, config, token
     expected = brute_force_jr(model, prefixes, force, answer)
     torch.testing.assert_close(torch.tensor(extra["l2t_jr"]), torch.tensor(expected), rtol=1e-4, atol=0)
     assert extra["l2t_delta_j"] == [b - a for a, b in zip(extra["l2t_jr"], extra["l2t_jr"][1:], strict=False)]
-    assert extra["l2t_alpha"] == config.l2t.alpha
 
     # probes: same request id as the generation (sticky routing), prefill-only on the hf server
     gen_id = client.requests[0][0]

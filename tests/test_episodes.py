@@ -1,4 +1,4 @@
-"""Episode segmentation (L2T_SPEC.md section 1): token-exact, never re-tokenizing."""
+"""Episode segmentation (docs/method.md §1): token-exact, never re-tokenizing."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 The actor's path is run as the worker runs it (:mod:`l2t_verl.worker_extension`): each rank
 gathers the full proxy matrices with ``full_tensor()`` (a collective), builds the same rank-r
 update, and computes the forward-mode penalties of its own half of the batch through the
-FSDP2-sharded model. The driver's part (batch-mean normalisation, dense rewards, the ``l2t``
-advantage) then runs on the gathered penalties. One process without FSDP is the reference.
+FSDP2-sharded model. The driver's part (``l2t_verl.step.l2t_step``: the penalty scale, the process
+rewards, the advantage) then runs on the gathered penalties. One process without FSDP is the reference.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from l2t_verl.advantage import compute_l2t_advantage
 from l2t_verl.episodes import episode_ids_for
 from l2t_verl.penalty import LowRankUpdate, episode_penalties, last_layer_mlp_regex, select_proxy_params
-from l2t_verl.rewards import dense_token_rewards, normalize_penalties
+from l2t_verl.record import SampleRecord
+from l2t_verl.settings import L2TConfig
+from l2t_verl.step import l2t_step
 from l2t_verl.worker_extension import _full
 
 BATCH, PROMPT, K_MAX, RANK, DAMPING = 8, 6, 6, 4, 1e-5
@@ -113,26 +114,22 @@ def _free_port() -> int:
 
 
 def _advantages(raw: torch.Tensor) -> torch.Tensor:
-    """The driver's step 5 (trainer._compute_advantage) on fixed J_r deltas and outcomes."""
+    """The driver's step 5 (``l2t_verl.step.l2t_step``, as the trainer runs it) on fixed J_r and outcomes."""
     gen = torch.Generator().manual_seed(3)
-    exists = torch.zeros(BATCH, K_MAX, dtype=torch.bool)
-    for i, ends in enumerate(EPISODE_ENDS):
-        exists[i, : len(ends)] = True
-    delta_j = torch.rand(BATCH, K_MAX, generator=gen) * exists
-    outcome = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
-    p_hat, _ = normalize_penalties(raw.float(), exists)
-    process = delta_j - 0.6 * p_hat
-    width = max(RESPONSE_LENS)
-    rewards = torch.zeros(BATCH, width)
-    mask = torch.zeros(BATCH, width)
-    for i, (n, ends) in enumerate(zip(RESPONSE_LENS, EPISODE_ENDS, strict=True)):
-        rewards[i, :n] = dense_token_rewards(
-            n, ends, float(outcome[i]), process[i, : len(ends)].tolist(), 0.8
+    records = []
+    for ends in EPISODE_ENDS:
+        jr = torch.rand(len(ends) + 1, generator=gen).tolist()
+        records.append(
+            SampleRecord(tuple(ends), tuple(jr), tuple(b - a for a, b in zip(jr, jr[1:], strict=False)))
         )
-        mask[i, :n] = 1
+    outcome = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    width = max(RESPONSE_LENS)
+    mask = (torch.arange(width)[None, :] < torch.tensor(RESPONSE_LENS)[:, None]).float()
     index = np.array(["a", "a", "b", "b", "c", "c", "d", "d"], dtype=object)
-    advantages, _ = compute_l2t_advantage(rewards, mask, index=index, outcome_scores=outcome)
-    return advantages
+    cfg = L2TConfig.from_config({"episodes": {"max_episodes": K_MAX}})
+    result = l2t_step(records, outcome, mask, index, cfg, raw_penalties=raw.float())
+    assert result.metrics["l2t/adv_process_std"] > 0 and result.metrics["l2t/penalty_mean"] > 0
+    return result.advantages
 
 
 def test_two_fsdp_ranks_match_one_process(tmp_path):

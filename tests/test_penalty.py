@@ -1,4 +1,4 @@
-"""Tests of the compression penalty (spec 3): the fast paths against the literal eq. 4 form."""
+"""Tests of the compression penalty (docs/method.md §3): the fast paths against the literal eq. 4 form."""
 
 from __future__ import annotations
 
@@ -317,7 +317,7 @@ def test_zero_update_gives_exact_zeros() -> None:
 
 
 def test_nonfinite_update_is_passed_through() -> None:
-    """Non-finite values are not repaired here: the caller counts them (spec 8)."""
+    """Non-finite values are not repaired here: the caller counts them (docs/method.md §8)."""
     model = tiny_model(torch.float32)
     reference = perturbed_reference(model, LAST_MLP)
     name = next(iter(reference))

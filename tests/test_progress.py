@@ -1,4 +1,4 @@
-"""J_r probes (spec 2): likelihood against a brute-force forward pass through the real hf server,
+"""J_r probes (docs/method.md §2): likelihood against a brute-force forward pass through the real hf server,
 sampling against stubs, concurrency, failures, K = 0 and prefix-cache reuse."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from l2t_verl.progress import (
     ProgressResult,
     compute_progress,
     force_token_ids,
+    forced_probe_prompts,
     ground_truth_text,
     likelihood_from_prompt_logprobs,
     probe_prompts,
@@ -169,6 +170,74 @@ def test_ground_truth_text():
     assert (
         ground_truth_text(None) is None and ground_truth_text("  ") is None and ground_truth_text([]) is None
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "target"),
+    [
+        (" 42\n", "42"),
+        ("$42$", "42"),
+        ("$$ 42 $$", "42"),
+        ("\\(x+1\\)", "x+1"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("$\\boxed{ 5 }$", "5"),
+        ("\\boxed{1} + \\boxed{2}", "\\boxed{1} + \\boxed{2}"),  # not one boxed answer
+        ("$a$ and $b$", "$a$ and $b$"),  # not one wrapped answer
+        ("$", "$"),
+    ],
+)
+def test_ground_truth_is_normalised_to_what_the_policy_writes_in_the_box(raw, target):
+    assert ground_truth_text(raw) == target
+    assert ground_truth_text([raw, "other"]) == target
+
+
+def test_think_tags_probes_close_the_reasoning_exactly_once(tokenizer):
+    """In think_tags mode every episode ends with </think>: the probes after an episode must not close
+    it again, while the k = 0 probe (inside the open reasoning) must."""
+    from l2t_verl.episodes import EpisodeConfig, segment_episodes
+
+    cfg = ProgressConfig(force_suffix="\n</think>\nThe answer is \\boxed{")
+    text = (
+        "<think>\n8 + 3 = 11\n</think><think>\n11 * 2 = 22\n</think>\n<think>\ncheck\n</think>\nThe answer is"
+    )
+    response = tokenizer.encode(text, add_special_tokens=False)
+    ends = segment_episodes(response, tokenizer, EpisodeConfig(mode="think_tags"))
+    assert len(ends) == 3
+    prompt = chat_prompt(tokenizer)
+    probes = forced_probe_prompts(prompt, response, ends, tokenizer, cfg)
+    assert len(probes) == len(ends) + 1
+    for k, probe in enumerate(probes):
+        decoded = tokenizer.decode(probe[len(prompt) :], skip_special_tokens=False)
+        # each <think> block is closed once, and the forced answer follows the last close
+        assert decoded.count("</think>") == max(k, 1), decoded
+        assert "</think>\n</think>" not in decoded and "</think></think>" not in decoded
+        assert decoded.endswith("</think>\nThe answer is \\boxed{"), decoded
+    # delimiter mode never ends a prefix on </think>: every probe gets the full suffix
+    delim = probe_prompts(
+        prompt,
+        response[:5],
+        [2, 5],
+        force_token_ids(tokenizer, cfg),
+        force_token_ids(tokenizer, cfg, closed=True),
+        tokenizer,
+    )
+    assert all(p[-len(force_token_ids(tokenizer, cfg)) :] == force_token_ids(tokenizer, cfg) for p in delim)
+
+
+def test_answer_suffix_that_merges_with_the_next_character_is_refused(tokenizer):
+    from l2t_verl.progress import check_answer_suffix
+    from l2t_verl.settings import L2TConfigError
+
+    # The asset tokenizer merges "}." into one token (the warm-started model always writes it).
+    assert tokenizer.encode("}.", add_special_tokens=False) != tokenizer.encode(
+        "}", add_special_tokens=False
+    ) + tokenizer.encode(".", add_special_tokens=False)
+    with pytest.raises(L2TConfigError) as err:
+        check_answer_suffix(tokenizer, "}")
+    message = str(err.value)
+    assert message.startswith("l2t.progress.answer_suffix") and "'}.'" in message and "\n" not in message
+    check_answer_suffix(tokenizer, "}.")  # the task=arith setting passes
+    check_answer_suffix(tokenizer, "")
 
 
 # ------------------------------------------------------------------------------------------ sampling

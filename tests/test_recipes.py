@@ -178,7 +178,7 @@ def test_dry_run_is_the_algorithm_the_script_is_named_after(configs, script):
     assert (adv, manager, agent, c["trainer"]["v1"]["trainer_mode"]) == ("l2t", "l2t", "l2t", "l2t")
     assert l2t["enable"] and l2t["alpha"] == pytest.approx(0.8) and l2t["beta"] == pytest.approx(0.6)
     assert l2t["penalty"]["damping"] == pytest.approx(1e-5)
-    # spec 6: each run flips exactly its own switch(es) from the L2T defaults of its recipe
+    # docs/method.md §6: each run flips exactly its own switch(es) from the L2T defaults of its recipe
     expected = {
         "progress": True,
         "penalty": True,

@@ -13,8 +13,8 @@ from tensordict import TensorDict
 from verl import DataProto
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
-from l2t_verl.reward_manager import L2TFields, L2TRewardManager, dense_response_rewards, l2t_fields_of_row
-from l2t_verl.rewards import dense_token_rewards
+from l2t_verl.record import SampleRecord
+from l2t_verl.reward_manager import L2TRewardManager
 
 EXTRA_KEYS = {"acc", "l2t_outcome", "l2t_verifier_error"}
 
@@ -43,84 +43,19 @@ def batch(valid_lengths, prompt_width=3, response_width=8, non_tensor=None) -> D
     return DataProto(batch=td, non_tensor_batch=dict(non_tensor or {}))
 
 
-# ------------------------------------------------------------------------------------ assemble_rm_scores
+# ------------------------------------------------------------------------------------ rm_scores
 
 
-def test_assemble_rm_scores_places_outcome_and_alpha_delta_j_exactly():
-    rows = [
-        # ends [2, 5] of 6 valid tokens: alpha*dJ on tokens 1 and 4, r_out on token 5
-        dict(ends=[2, 5], dj=[0.5, -0.25], failed=False),
-        # probes failed: outcome only
-        dict(ends=[2, 4], dj=[], failed=True),
-        # the last episode ends on the last valid token: both land there and add up
-        dict(ends=[1, 3], dj=[0.25, 0.5], failed=False),
-        # K = 0 (no reasoning span): outcome only
-        dict(ends=[], dj=[], failed=False),
-    ]
-    data = batch(
-        [6, 5, 3, 4],
-        non_tensor={
-            "l2t_episode_ends": objects([r["ends"] for r in rows]),
-            "l2t_delta_j": objects([r["dj"] for r in rows]),
-            "l2t_probe_failed": objects([r["failed"] for r in rows]),
-            "l2t_alpha": objects([0.8] * 4),
-        },
-    )
-    got = L2TRewardManager.assemble_rm_scores(data, [1.0, 1.0, 0.0, 1.0])
-    expected = torch.tensor(
-        [
-            [0.0, 0.4, 0.0, 0.0, -0.2, 1.0, 0.0, 0.0],
-            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
-            [0.2, 0.0, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0],
-            [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
-        ]
-    )
-    torch.testing.assert_close(got, expected)
-    assert got.dtype == torch.float32 and got.shape == data.batch["responses"].shape
-
-
-def test_assemble_rm_scores_reads_v1_extra_fields_dicts_and_falls_back_to_outcome_only():
-    extra = [
-        {"l2t_episode_ends": [1, 2], "l2t_delta_j": [0.1, 0.2], "l2t_probe_failed": False, "l2t_alpha": 1.0},
-        {"turn_scores": []},  # a row from another agent loop: outcome only
-    ]
-    data = batch([3, 3], non_tensor={"extra_fields": objects(extra)})
-    got = L2TRewardManager.assemble_rm_scores(data, [1.0, 1.0])
-    torch.testing.assert_close(got[0, :3], torch.tensor([0.1, 0.2, 1.0]))
-    torch.testing.assert_close(got[1, :3], torch.tensor([0.0, 0.0, 1.0]))
-
-
-def test_without_l2t_fields_it_equals_verls_outcome_on_last_token():
-    data = batch([6, 1, 8])
-    scores = [1.0, 0.0, 1.0]
+def test_rm_scores_are_verls_outcome_on_the_last_token_whatever_the_l2t_fields():
+    """The process rewards need the actor's penalty, so only the trainer combines them: the reward
+    manager must not place anything but r_out (no second placement path to disagree with the trainer)."""
+    extra = [{"l2t_episode_ends": [1, 2], "l2t_delta_j": [0.1, 0.2], "l2t_probe_failed": False}, {}]
+    data = batch([6, 3], non_tensor={"extra_fields": objects(extra)})
+    scores = [1.0, 0.0]
+    assert "assemble_rm_scores" not in vars(L2TRewardManager)
     torch.testing.assert_close(
         L2TRewardManager.assemble_rm_scores(data, scores), RewardManagerBase.assemble_rm_scores(data, scores)
     )
-
-
-def test_inconsistent_fields_give_outcome_only_not_a_crash():
-    past_end = L2TFields(episode_ends=(2, 9), delta_j=(0.1, 0.2), alpha=0.8)
-    torch.testing.assert_close(dense_response_rewards(4, 1.0, past_end), torch.tensor([0.0, 0.0, 0.0, 1.0]))
-    wrong_count = L2TFields(episode_ends=(1, 2), delta_j=(0.1,), alpha=0.8)
-    assert not wrong_count.process_active
-    torch.testing.assert_close(dense_response_rewards(3, 1.0, wrong_count), torch.tensor([0.0, 0.0, 1.0]))
-    malformed = L2TFields.from_mapping({"l2t_episode_ends": ["x"], "l2t_alpha": 0.8})
-    assert malformed.probe_failed and not malformed.process_active
-
-
-def test_dense_response_rewards_is_the_spec_placement():
-    fields = L2TFields(episode_ends=(2, 4), delta_j=(0.3, -0.1), alpha=0.5)
-    torch.testing.assert_close(
-        dense_response_rewards(6, 1.0, fields), dense_token_rewards(6, [2, 4], 1.0, [0.3, -0.1], 0.5)
-    )
-
-
-def test_l2t_fields_of_row_reads_every_layout():
-    cols = {"l2t_episode_ends": objects([[3]]), "l2t_delta_j": objects([[0.5]]), "l2t_alpha": objects([0.8])}
-    assert l2t_fields_of_row(cols, 0) == L2TFields((3,), (0.5,), False, 0.8)
-    tool = {"tool_extra_fields": objects([{"l2t_episode_ends": [3], "l2t_delta_j": [0.5], "l2t_alpha": 0.8}])}
-    assert l2t_fields_of_row(tool, 0) == L2TFields((3,), (0.5,), False, 0.8)
-    assert l2t_fields_of_row({}, 0) == L2TFields()
 
 
 def test_registered_and_resolved_by_verl():
@@ -141,7 +76,9 @@ def one_row(tokenizer, text: str, ground_truth="42", data_source="l2t_arith") ->
         "data_source": objects([data_source]),
         "reward_model": objects([{"style": "rule", "ground_truth": ground_truth}]),
         "extra_info": objects([{"index": 0}]),
-        "tool_extra_fields": objects([{"l2t_episode_ends": [2], "l2t_delta_j": [0.5], "l2t_alpha": 0.8}]),
+        "tool_extra_fields": objects(
+            [SampleRecord(episode_ends=(2,), jr=(0.1, 0.6), delta_j=(0.5,)).to_extra_fields()]
+        ),
         "__num_turns__": np.array([2]),
     }
     return data
@@ -160,6 +97,9 @@ async def test_run_single_scores_the_outcome_with_the_default_verifier(tiny_toke
         "reward_score": 1.0,
         "reward_extra_info": {"acc": 1.0, "l2t_outcome": 1.0, "l2t_verifier_error": 0},
     }
+    # What the trainer reads back from the same extra_fields: the record owns both sides' names.
+    record = SampleRecord.from_extra_fields({"reward_extra_info": right["reward_extra_info"]})
+    assert record.outcome == 1.0 and not record.outcome_verifier_error
     assert wrong["reward_score"] == 0.0 and wrong["reward_extra_info"]["l2t_verifier_error"] == 0
 
 

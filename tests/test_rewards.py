@@ -1,4 +1,4 @@
-"""Rewards (L2T_SPEC.md sections 3-4 and 8)."""
+"""Rewards (docs/method.md §§3-4 and 8)."""
 
 from __future__ import annotations
 
@@ -20,37 +20,84 @@ def test_process_rewards():
         process_rewards([0.1, 0.2], [1.0], beta=0.6)
 
 
-def test_normalize_penalties_batch_mean():
+MASK = torch.tensor([[True, True, False], [True, False, False]])
+DELTA_J = torch.tensor([[0.2, -0.1, 9.0], [0.05, 7.0, 0.0]])  # 9.0 and 7.0 are not rewarded
+
+
+def test_delta_j_scale_puts_beta_p_hat_on_the_size_of_progress():
     raw = torch.tensor([[1.0, 3.0, 99.0], [2.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    p_hat, n_bad = normalize_penalties(raw, mask, "batch_mean")
-    mean = (1.0 + 3.0 + 2.0) / 3
-    expected = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0]]) / (mean + 1e-8)
-    assert n_bad == 0
-    torch.testing.assert_close(p_hat, expected)
-    assert float(p_hat[mask].mean()) == pytest.approx(1.0)
+    scale = normalize_penalties(raw, MASK, "delta_j", delta_j=DELTA_J)
+    mean_abs_dj = (0.2 + 0.1 + 0.05) / 3
+    expected = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0]]) * mean_abs_dj / 2.0
+    torch.testing.assert_close(scale.p_hat, expected)
+    assert float(scale.p_hat[MASK].mean()) == pytest.approx(mean_abs_dj)
+    assert (scale.mode, scale.n_clipped, scale.n_nonfinite) == ("delta_j", 0, 0)
+
+
+@pytest.mark.parametrize("magnitude", [1e-12, 1e-10, 1e-6, 1e-3, 1.0, 1e2])
+def test_scaling_does_not_depend_on_the_raw_size(magnitude):
+    """No absolute epsilon: at lr 1e-6 raw penalties are ~1e-10 and must scale like any others."""
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.rand(6, 5, generator=gen, dtype=torch.float64) + 0.1
+    mask = torch.rand(6, 5, generator=gen) > 0.3
+    dj = torch.randn(6, 5, generator=gen, dtype=torch.float64) * 0.1
+    reference = normalize_penalties(raw, mask, "delta_j", delta_j=dj).p_hat
+    scaled = normalize_penalties(raw.float() * magnitude, mask, "delta_j", delta_j=dj.float()).p_hat
+    torch.testing.assert_close(scaled.double(), reference, rtol=1e-5, atol=0)
+    assert float(scaled[mask].double().mean()) == pytest.approx(float(dj[mask].abs().mean()), rel=1e-5)
+    batch_mean = normalize_penalties(raw.float() * magnitude, mask, "batch_mean").p_hat
+    assert float(batch_mean[mask].double().mean()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_clip_at_clip_times_mean_abs_delta_j_is_counted():
+    raw = torch.tensor([[1.0, 1.0, 1.0, 1.0, 96.0]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    dj = torch.full((1, 5), 0.1)
+    scale = normalize_penalties(raw, mask, "delta_j", delta_j=dj, clip=3.0)
+    # mean p = 20: p_hat = p * 0.1 / 20 -> 0.005 each and 0.48 for the outlier, clipped at 3 * 0.1
+    torch.testing.assert_close(scale.p_hat, torch.tensor([[0.005, 0.005, 0.005, 0.005, 0.3]]))
+    assert scale.n_clipped == 1
+    # batch_mean clips at `clip` itself (its mean is 1)
+    scale = normalize_penalties(raw, mask, "batch_mean", clip=3.0)
+    torch.testing.assert_close(scale.p_hat, torch.tensor([[0.05, 0.05, 0.05, 0.05, 3.0]]))
+    assert scale.n_clipped == 1
+
+
+def test_without_progress_delta_j_falls_back_to_batch_mean():
+    raw = torch.tensor([[1.0, 3.0, 99.0], [2.0, 0.0, 0.0]])
+    scale = normalize_penalties(raw, MASK, "delta_j", delta_j=None)
+    assert scale.mode == "batch_mean"
+    torch.testing.assert_close(scale.p_hat, torch.tensor([[0.5, 1.5, 0.0], [1.0, 0.0, 0.0]]))
 
 
 def test_normalize_penalties_none_and_nonfinite():
     raw = torch.tensor([[1.0, math.nan, 4.0], [math.inf, 2.0, -math.inf]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    p, n_bad = normalize_penalties(raw, mask, "none")
-    assert n_bad == 2  # the masked-out -inf is padding, not a fault
-    assert torch.equal(p, torch.tensor([[1.0, 0.0, 4.0], [0.0, 2.0, 0.0]]))
-    p_hat, n_bad = normalize_penalties(raw, mask, "batch_mean")
-    assert n_bad == 2 and torch.isfinite(p_hat).all()
-    torch.testing.assert_close(p_hat, p / ((1.0 + 4.0 + 2.0) / 5 + 1e-8))
+    scale = normalize_penalties(raw, mask, "none")
+    assert scale.n_nonfinite == 2  # the masked-out -inf is padding, not a fault
+    assert torch.equal(scale.p_hat, torch.tensor([[1.0, 0.0, 4.0], [0.0, 2.0, 0.0]]))
+    scale = normalize_penalties(raw, mask, "batch_mean")
+    assert scale.n_nonfinite == 2 and torch.isfinite(scale.p_hat).all()
+    torch.testing.assert_close(scale.p_hat, torch.tensor([[1.0, 0.0, 4.0], [0.0, 2.0, 0.0]]) / (7.0 / 5))
 
 
 def test_normalize_penalties_degenerate():
-    zeros, n_bad = normalize_penalties(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), "batch_mean")
-    assert n_bad == 0 and torch.equal(zeros, torch.zeros(2, 3))  # step 1: no update, no penalty
-    empty, _ = normalize_penalties(torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool), "batch_mean")
-    assert torch.equal(empty, torch.zeros(2, 3))
+    ones = torch.ones(2, 3, dtype=torch.bool)
+    for mode in ("delta_j", "batch_mean"):
+        zeros = normalize_penalties(torch.zeros(2, 3), ones, mode, delta_j=torch.ones(2, 3))
+        assert torch.equal(zeros.p_hat, torch.zeros(2, 3))  # step 1: no update, no penalty
+    empty = normalize_penalties(
+        torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool), "delta_j", torch.ones(2, 3)
+    )
+    assert torch.equal(empty.p_hat, torch.zeros(2, 3))
+    no_progress = normalize_penalties(torch.ones(2, 3), ones, "delta_j", delta_j=torch.zeros(2, 3))
+    assert torch.equal(no_progress.p_hat, torch.zeros(2, 3))  # mean |dJ| = 0: nothing to scale to
     with pytest.raises(ValueError, match="l2t.penalty.normalize"):
         normalize_penalties(torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool), "max")
     with pytest.raises(ValueError, match="mask"):
         normalize_penalties(torch.ones(1, 2), torch.ones(1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="clip"):
+        normalize_penalties(torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool), clip=0.0)
 
 
 def test_dense_token_rewards_placement():

@@ -1,4 +1,4 @@
-"""Robustness inside real CPU training runs (spec 8): injected faults over a 30-step soak, and
+"""Robustness inside real CPU training runs (docs/method.md §8): injected faults over a 30-step soak, and
 checkpoint/resume of the L2T state. The exact multi-rank check is in test_multirank.py."""
 
 from __future__ import annotations

@@ -131,3 +131,59 @@ def test_main_stops_before_any_worker_with_one_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "l2t-verl: configuration error: l2t.penalty.rank must be an integer >= 1; got 0"
     assert "ray" not in proc.stdout.lower()  # Ray was never started
+
+
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    config_dir = str(Path(__file__).resolve().parents[1] / "l2t_verl" / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose("l2t_trainer", overrides=["preset=cpu", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        # adv_estimator=l2t under verl's own trainer used to train plain GRPO to the end, exit code 0
+        (
+            ["algo=l2t", "trainer.v1.trainer_mode=sync"],
+            "algorithm.adv_estimator=l2t needs trainer.v1.trainer_mode=l2t",
+        ),
+        (["algo=grpo", "trainer.v1.trainer_mode=l2t"], "algorithm.adv_estimator must be l2t"),
+        (["algo=l2t", "actor_rollout_ref.rollout.n=1"], "actor_rollout_ref.rollout.n must be >= 2"),
+        (["algo=l2t", "algorithm.use_kl_in_reward=true"], "algorithm.use_kl_in_reward"),
+        (["algo=l2t", "l2t.penalty.clip=0"], "l2t.penalty.clip"),
+        (["algo=l2t", "l2t.penalty.normalize=mean"], "l2t.penalty.normalize"),
+    ],
+)
+def test_silent_fallbacks_are_refused_at_start_up(overrides, start):
+    from l2t_verl.main import prepare_config
+
+    with pytest.raises(L2TConfigError) as err:
+        prepare_config(_compose(*overrides, "actor_rollout_ref.model.path=unused"))
+    assert str(err.value).startswith(start) and "\n" not in str(err.value)
+
+
+def test_answer_suffix_merging_with_the_next_character_is_refused_at_start_up(tmp_path, tiny_tokenizer):
+    from l2t_verl.main import prepare_config
+
+    # The tiny tokenizer has learnt "}." as one token from "\boxed{42}.".
+    assert len(tiny_tokenizer.encode("}.", add_special_tokens=False)) == 1
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    config = _compose("algo=l2t", f"actor_rollout_ref.model.path={tmp_path / 'model'}")
+    with pytest.raises(
+        L2TConfigError, match=r"^l2t\.progress\.answer_suffix='}' merges with a following '\.'"
+    ):
+        prepare_config(config)
+    # The default L2T settings pass the other checks: with a suffix the tokenizer keeps apart, the next
+    # stop is the dataset check.
+    data = _write(tmp_path, _rows())
+    config = _compose(
+        "algo=l2t",
+        f"actor_rollout_ref.model.path={tmp_path / 'model'}",
+        "l2t.progress.answer_suffix='}.'",
+        f"data.train_files={data}",
+        f"data.val_files={tmp_path / 'missing.parquet'}",
+    )
+    with pytest.raises(DatasetError, match="missing.parquet"):
+        prepare_config(config)

@@ -5,7 +5,7 @@
   so everything else works without it.
 
 Both take already-tokenized prompts, so the evaluation controls tokenization exactly (forced-answer
-probes are built by concatenating token ids; decoded text is never re-tokenized, spec 1).
+probes are built by concatenating token ids; decoded text is never re-tokenized, docs/method.md §1).
 Sampling is seeded per request (prompt ``i`` gets :func:`request_seed`), so a run is reproducible
 and does not depend on how requests are batched.
 """

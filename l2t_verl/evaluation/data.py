@@ -38,7 +38,7 @@ class Problem:
         """Verifier score of a response text and the verifier's error, if it raised.
 
         A raising verifier scores 0 and the error is returned for counting, as in training
-        (spec 8: ``l2t/verifier_errors``), so one odd response cannot abort a long evaluation.
+        (docs/method.md §8: ``l2t/verifier_errors``), so one odd response cannot abort a long evaluation.
         """
         from l2t_verl.scoring import compute_score
 

@@ -1,7 +1,7 @@
 """Episode-depth analysis (paper Fig. 1 / Fig. 6): how accuracy and tokens evolve with reasoning depth.
 
 For each probed response (the first ``samples_per_problem`` samples of every problem), the episode
-boundaries ``e_1 < ... < e_K`` come from :func:`l2t_verl.episodes.segment_episodes` (spec 1), and
+boundaries ``e_1 < ... < e_K`` come from :func:`l2t_verl.episodes.segment_episodes` (docs/method.md §1), and
 for every depth ``k = 0..K`` the reasoning is cut at ``e_k`` (``e_0 = 0``: no reasoning at all), the
 force suffix is appended and a greedy answer is generated and scored
 (:mod:`l2t_verl.evaluation.forcing`). The paper stops at the k-th ``</think>`` and appends "Please

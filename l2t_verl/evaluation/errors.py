@@ -1,4 +1,4 @@
-"""The one error type the evaluation raises for bad input (spec 8: one line naming the culprit)."""
+"""The one error type the evaluation raises for bad input (docs/method.md §8: one line naming the culprit)."""
 
 from __future__ import annotations
 

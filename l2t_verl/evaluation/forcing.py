@@ -2,7 +2,8 @@
 
 This is the mechanism behind both the token-budget curve (paper Fig. 3) and the episode-depth
 analysis (paper Fig. 1). A probe is ``prompt ids + response ids[:cut] + ids(force_suffix)``, built
-by concatenating token ids (the response is never re-tokenized, spec 1), followed by a greedy answer
+by concatenating token ids (the response is never re-tokenized, docs/method.md §1), followed by a
+greedy answer
 of at most ``answer_tokens`` tokens. The scored text is ``decode(response[:cut]) + force_suffix +
 answer``, where the answer is cut where it closes the braces the force suffix left open (see
 :func:`cut_forced_answer`), so a model that keeps talking cannot replace its forced answer by a later
@@ -35,7 +36,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ForceConfig:
-    """``force_suffix`` closes the reasoning and opens the answer (the J_r probe suffix of spec 2);
+    """``force_suffix`` closes the reasoning and opens the answer (the J_r probe suffix of docs/method.md §2);
     ``answer_suffix`` is what ends an answer (arith: ``"}."``); ``answer_tokens`` caps the answer."""
 
     force_suffix: str = DEFAULT_FORCE_SUFFIX
@@ -109,8 +110,9 @@ def strip_stop_tokens(ids: Sequence[int], tokenizer: Any) -> list[int]:
 
 
 def reasoning_end(response_ids: Sequence[int], tokenizer: Any) -> int:
-    """Token index where the reasoning span ends (spec 1): before the first ``</think>``, else the end
-    of the response without its trailing EOS. Found on character offsets, never by re-tokenizing."""
+    """Token index where the reasoning span ends (docs/method.md §1): before the first ``</think>``,
+    else the end of the response without its trailing EOS. Found on character offsets, never by
+    re-tokenizing."""
     ids = strip_stop_tokens(response_ids, tokenizer)
     if not ids:
         return 0

@@ -11,7 +11,7 @@ The program is taken from the response (:func:`extract_program`), completed agai
 :mod:`l2t_verl.scoring.sandbox` (time, memory, output and process limits, no network, a throw-away
 working directory).  A wrong answer, crash, hang or any misbehaviour scores 0; a malformed ground
 truth or a sandbox that cannot start raises, which the reward manager counts as a verifier error
-(spec 8) rather than a wrong answer.
+(docs/method.md §8) rather than a wrong answer.
 """
 
 from __future__ import annotations
