@@ -543,7 +543,10 @@ def build_all(
     sft_redundant_max: int = DEFAULT_SFT_REDUNDANT_MAX,
     sft_lr: float = DEFAULT_SFT_LR,
     sft_batch_size: int = DEFAULT_SFT_BATCH_SIZE,
+    sft_redundant_per_gap: int = 0,
     model_overrides: dict[str, Any] | None = None,
+    min_steps: int = 1,
+    max_steps: int = 6,
 ) -> dict[str, Path]:
     """Build every asset under ``output`` and return their paths
     (keys: root, model, train, test, manifest).
@@ -553,6 +556,9 @@ def build_all(
     distribution as train, disjoint from the train and test prompts, so RL is not evaluated on
     memorised problems), then records the SFT settings, losses and a greedy check on the test
     split in ``assets.json``.  ``sft_steps=0`` keeps the random model.
+
+    ``min_steps``/``max_steps`` bound the operations per problem of every split; ``sft_redundant_per_gap``
+    switches the SFT traces to per-gap redundancy (:func:`l2t_verl.warm_start.sft_traces`).
 
     ``model_overrides`` update :data:`DEFAULT_MODEL_CONFIG` (see :func:`build_model`); ``None``
     means :data:`WARM_START_MODEL_OVERRIDES` when warm-starting and nothing otherwise.
@@ -574,16 +580,22 @@ def build_all(
             "batch_size": sft_batch_size,
             "redundant_max": sft_redundant_max,
             "problems": sft_steps * sft_batch_size,
+            # Only recorded when used, so that existing manifests stay valid.
+            **({"redundant_per_gap": sft_redundant_per_gap} if sft_redundant_per_gap else {}),
         }
         if sft_steps
         else {"steps": 0}
     )
     key = _manifest_key(seed, train_size, val_size, vocab_size, model_overrides, sft)
+    if (min_steps, max_steps) != (1, 6):
+        key["steps"] = [min_steps, max_steps]
     if not force and _is_up_to_date(paths, key):
         return paths
 
-    train = make_problems(train_size, seed, split="train")
-    test = make_problems(val_size, seed, split="test", exclude=[r["prompt"][0]["content"] for r in train])
+    train = make_problems(train_size, seed, min_steps, max_steps, split="train")
+    test = make_problems(
+        val_size, seed, min_steps, max_steps, split="test", exclude=[r["prompt"][0]["content"] for r in train]
+    )
     write_dataset(train, paths["train"])
     write_dataset(test, paths["test"])
 
@@ -591,7 +603,7 @@ def build_all(
     model = build_model(tokenizer, seed=seed, **model_overrides)
     sft_report: dict[str, Any] = {}
     if sft_steps:
-        sft_report = _warm_start(model, tokenizer, seed, sft, train, test)
+        sft_report = _warm_start(model, tokenizer, seed, sft, train, test, (min_steps, max_steps))
     paths["model"].mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(paths["model"])
     model.save_pretrained(paths["model"])
@@ -616,12 +628,13 @@ def _warm_start(
     sft: dict[str, Any],
     train: Sequence[dict],
     test: Sequence[dict],
+    steps_range: tuple[int, int] = (1, 6),
 ) -> dict[str, Any]:
     """Run the SFT described by ``sft`` and return what the manifest records about it."""
     from l2t_verl.warm_start import evaluate_greedy, warm_start
 
     seen = [r["prompt"][0]["content"] for r in (*train, *test)]
-    problems = make_problems(sft["problems"], seed, split="sft", exclude=seen)
+    problems = make_problems(sft["problems"], seed, *steps_range, split="sft", exclude=seen)
     stats = warm_start(
         model,
         tokenizer,
@@ -631,6 +644,7 @@ def _warm_start(
         batch_size=sft["batch_size"],
         seed=seed,
         redundant_max=sft["redundant_max"],
+        redundant_per_gap=sft.get("redundant_per_gap", 0),
         log_every=100,
     )
     # Greedy on the (held-out) test split: a cheap, deterministic sanity figure for the manifest.

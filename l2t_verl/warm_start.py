@@ -107,24 +107,37 @@ def _redundant_episode(
     return _REREAD
 
 
-def sft_traces(problems: Sequence[Any], seed: int, redundant_max: int = 2) -> list[str]:
-    """Worked solutions with ``0..redundant_max`` redundant episodes inserted among the steps.
+def sft_traces(
+    problems: Sequence[Any], seed: int, redundant_max: int = 2, redundant_per_gap: int = 0
+) -> list[str]:
+    """Worked solutions with redundant episodes inserted among the steps.
 
     Each trace is :func:`l2t_verl.assets.worked_solution` with extra ``"\\n\\n"``-separated episodes
     inside the think block: ``"Check: <an earlier step>"``, ``"So far we have <current value>."``
-    or ``"Let me re-read the question."``.  They are placed at uniformly random gaps (before the
-    first step up to after the last), never reorder the necessary steps, and are always true, so
-    the boxed answer is still correct.  ``problems`` accepts anything :func:`parse_problem` does.
+    or ``"Let me re-read the question."``. They never reorder the necessary steps and are always
+    true, so the boxed answer is still correct. ``problems`` accepts anything :func:`parse_problem` does.
+
+    - ``redundant_per_gap = 0``: ``0..redundant_max`` redundant episodes per trace, at uniformly
+      random gaps (before the first step up to after the last);
+    - ``redundant_per_gap = m > 0``: every gap gets ``0..m`` of them, so redundancy grows with the
+      number of steps (an over-thinker that re-checks as it goes) and ``redundant_max`` is unused.
+      The count is random per gap, so the policy learns them as optional: RL can then learn to
+      drop them.
     """
-    if redundant_max < 0:
-        raise ValueError(f"redundant_max must be >= 0, got {redundant_max}")
+    if redundant_max < 0 or redundant_per_gap < 0:
+        raise ValueError(
+            f"redundant_max and redundant_per_gap must be >= 0, got {redundant_max}, {redundant_per_gap}"
+        )
     # A str seed is hashed stably across processes (see make_problems).
     rng = random.Random(f"{DATA_SOURCE}:sft_traces:{seed}")
     traces = []
     for problem in problems:
         start, equations, values = _steps(problem)
-        n_extra = rng.randint(0, redundant_max)
-        gaps = sorted(rng.randint(0, len(equations)) for _ in range(n_extra))
+        if redundant_per_gap:
+            gaps = [g for g in range(len(equations) + 1) for _ in range(rng.randint(0, redundant_per_gap))]
+        else:
+            n_extra = rng.randint(0, redundant_max)
+            gaps = sorted(rng.randint(0, len(equations)) for _ in range(n_extra))
         episodes: list[str] = []
         pending = iter(gaps)
         gap = next(pending, None)
@@ -208,6 +221,7 @@ def warm_start(
     seed: int = 0,
     redundant_max: int = 1,
     *,
+    redundant_per_gap: int = 0,
     warmup_steps: int = 20,
     weight_decay: float = 0.01,
     log_every: int = 0,
@@ -245,7 +259,12 @@ def warm_start(
     def epoch_batches(epoch: int) -> list[list[_Example]]:
         # Fresh redundant episodes every epoch: the model should learn where they may go, not
         # memorise one placement per problem.
-        traces = sft_traces(problems, seed=seed * 100_003 + epoch, redundant_max=redundant_max)
+        traces = sft_traces(
+            problems,
+            seed=seed * 100_003 + epoch,
+            redundant_max=redundant_max,
+            redundant_per_gap=redundant_per_gap,
+        )
         order = list(range(len(problems)))
         order_rng.shuffle(order)
         # One batched call: the fast tokenizer encodes in Rust, ~30% quicker than a Python loop.

@@ -84,3 +84,40 @@ def test_degenerate_responses(tokenizer):
     ids = tokenizer("7 + 5 = 12", add_special_tokens=False)["input_ids"]  # no think block, no answer
     b = episode_breakdown(ids, tokenizer)
     assert b.kinds == ["step"] and b.tokens["step"] == len(ids)
+
+
+def test_signal_summary_per_episode_class(tokenizer):
+    """benchmarks/efficiency/signal.py on hand-made dumps: per-class means and the bootstrap interval."""
+    from benchmarks.efficiency.signal import summarize
+
+    def dump(episodes, delta_j, p_hat):
+        ids, lengths = _response(tokenizer, episodes, "8")
+        ends = [sum(lengths[: k + 1]) for k in range(len(lengths))]
+        k = len(ends)
+        return {
+            "response_ids": ids,
+            "episode_ends": ends,
+            "rewarded": [True] * k,
+            "delta_j": delta_j,
+            "penalty_hat": p_hat,
+            "process_reward": [d - 0.6 * p for d, p in zip(delta_j, p_hat, strict=True)],
+            "process_reward_normalized": [0.5] * k,
+            "advantages": [1.0] * len(ids),
+        }
+
+    good = dump(["5 + 3 = 8", "Check: 5 + 3 = 8"], [0.6, 0.0], [0.1, 0.3])
+    other = dump(
+        ["2 + 6 = 8", "So far we have 8.", "Let me re-read the question."],
+        [0.4, 0.02, -0.02],
+        [0.2, 0.1, 0.1],
+    )
+    failed = {**good, "rewarded": [False, False]}  # probes failed: not counted
+    report = summarize({1: [good, other, failed], 2: [good, other]}, tokenizer, draws=200, seed=0)
+    necessary, redundant = report["per_class"]["necessary"], report["per_class"]["redundant"]
+    assert report["responses"] == 4 and necessary["episodes"] == 4 and redundant["episodes"] == 6
+    assert necessary["delta_j"] == pytest.approx(0.5) and redundant["delta_j"] == pytest.approx(0.0)
+    assert necessary["penalty_hat"] == pytest.approx(0.15)  # from step 2 only
+    assert redundant["process_reward"] == pytest.approx((0.0 - 0.18 + 0.02 - 0.06 - 0.02 - 0.06) / 3)
+    assert report["diff"] == pytest.approx(0.5)
+    lo, hi = report["diff_ci95"]
+    assert lo <= 0.5 <= hi and lo > 0.3

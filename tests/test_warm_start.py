@@ -76,6 +76,32 @@ def test_sft_traces_structure(redundant_max: int) -> None:
     assert set(extra_counts) == set(range(redundant_max + 1))
 
 
+@pytest.mark.parametrize("per_gap", [1, 2])
+def test_sft_traces_per_gap_redundancy(per_gap: int) -> None:
+    """Every gap (before the first step, between steps, after the last) gets 0..per_gap redundant
+    episodes, so redundancy grows with the number of steps and every count occurs."""
+    rows = assets.make_problems(300, seed=5, min_steps=1, max_steps=4)
+    traces = ws.sft_traces(rows, seed=1, redundant_per_gap=per_gap)
+    gap_counts = collections.Counter()
+    for row, trace in zip(rows, traces, strict=True):
+        episodes = _think_episodes(trace)
+        assert [e for e in episodes if ws.is_necessary_step(e)] == _worked_steps(row)
+        runs, current = [], 0
+        for episode in episodes:
+            if ws.is_necessary_step(episode):
+                runs.append(current)
+                current = 0
+            else:
+                current += 1
+        runs.append(current)
+        assert len(runs) == len(_worked_steps(row)) + 1 and all(0 <= r <= per_gap for r in runs)
+        gap_counts.update(runs)
+        assert compute_score("l2t_arith", trace, row["reward_model"]["ground_truth"]) == 1.0
+    assert set(gap_counts) == set(range(per_gap + 1))
+    with pytest.raises(ValueError, match="redundant_per_gap"):
+        ws.sft_traces(rows, seed=0, redundant_per_gap=-1)
+
+
 def test_sft_traces_without_redundancy_are_worked_solutions() -> None:
     rows = assets.make_problems(50, seed=1)
     assert ws.sft_traces(rows, seed=3, redundant_max=0) == [assets.worked_solution(r) for r in rows]

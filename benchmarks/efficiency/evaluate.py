@@ -152,6 +152,7 @@ def evaluate_checkpoint(
             "mean_tokens": statistics.fmean(lengths[i] for i in idx),
             "mean_episodes": statistics.fmean(len(breakdowns[i].ends) for i in idx),
             "mean_redundant_episodes": statistics.fmean(breakdowns[i].num_redundant for i in idx),
+            "mean_necessary_episodes": statistics.fmean(breakdowns[i].kinds.count("step") for i in idx),
             "settle_depth": statistics.fmean(settled) if settled else None,
             "acc_k": acc_k,
         }
@@ -164,6 +165,8 @@ def evaluate_checkpoint(
         "redundant_token_share": sum(b.tokens["redundant"] for b in breakdowns) / max(1, sum(lengths)),
         "mean_redundant_episodes": statistics.fmean(b.num_redundant for b in breakdowns),
         "mean_episodes": statistics.fmean(len(b.ends) for b in breakdowns),
+        # Episodes the trace classifier calls necessary steps, over all responses (the tail is no episode).
+        "mean_necessary_episodes": statistics.fmean(b.kinds.count("step") for b in breakdowns),
         "other_token_share": sum(b.tokens["other"] for b in breakdowns) / max(1, sum(lengths)),
         "budget_accuracy": {
             str(b): sum(c and n_tok <= b for c, n_tok in zip(correct, lengths, strict=True)) / n

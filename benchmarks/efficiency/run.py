@@ -1,20 +1,22 @@
-"""L2T against GRPO on the synthetic arithmetic task: accuracy and tokens, from one command.
+"""L2T against GRPO and a length penalty on the synthetic arithmetic task: accuracy and tokens, one command.
 
-    python -m benchmarks.efficiency.run --out outputs/efficiency [--seeds 0,1,2] [--steps 8] ...
+    python -m benchmarks.efficiency.run --out outputs/efficiency --steps S --lr LR --lp-coefs C1,C2 \
+        [--seeds 0,1,2] [--eval-split validation|test] [--summary docs/efficiency/summary.json]
     python -m benchmarks.efficiency.run --out /tmp/eff_smoke --smoke      # 1 seed, 2 steps, tiny eval
 
-The defaults are the main experiment of docs/efficiency.md (3 seeds, 8 steps of 16 prompts x 4, lr 1e-4,
-ablations on seed 0). On a CPU shared with other jobs, export OMP_NUM_THREADS=1 first.
-
-1. Builds the offline assets once (``l2t_verl.assets.build_all``) with a warm start whose traces carry
-   0..``--sft-redundant-max`` redundant episodes, so that the starting policy over-thinks.
-2. Trains GRPO and L2T from that warm start, per seed, with the same batch, budget, lr and number of
+1. Builds the offline assets once (``l2t_verl.assets.build_all``): 1-4-step problems and a warm start
+   whose traces re-check as they go (0-2 redundant episodes in every gap between steps), so the
+   starting policy is competent and over-thinks. A validation split, disjoint from train and test, is
+   written beside them: settings are chosen on it, the test split is only for the report.
+2. Checks the signal L2T trains on before any RL run (:mod:`benchmarks.efficiency.signal`): delta_J of
+   necessary vs redundant episodes on the warm start's own samples.
+3. Trains every method from that warm start, per seed, with the same batch, budget, lr and number of
    steps, each through ``python -m l2t_verl.main preset=cpu task=arith`` in a subprocess (as
-   scripts/quickstart.sh does); then the ablations (L2T without penalty, without progress reward, with
-   the random-layers proxy) on ``--ablation-seeds``, and any ``--extra NAME=override,override`` run.
-3. Evaluates every final HF checkpoint and the warm start on the held-out split
-   (:mod:`benchmarks.efficiency.evaluate`), and writes ``results.json``, ``table.md`` and PNG plots
-   under ``--out``.
+   scripts/quickstart.sh does): GRPO, L2T, the length-penalty baseline at each ``--lp-coefs``; then the
+   ablations on ``--ablation-seeds``, and any ``--extra NAME=override,override`` run.
+4. Evaluates every final HF checkpoint and the warm start on the chosen split
+   (:mod:`benchmarks.efficiency.evaluate`), and writes ``results.json``, ``summary.json`` (the verdict
+   against the targets, per-seed figures), ``table.md`` and PNG plots under ``--out``.
 
 A run whose checkpoint already exists is not retrained (delete its folder to redo it), so an
 interrupted experiment resumes where it stopped.
@@ -43,6 +45,8 @@ ABLATIONS: dict[str, list[str]] = {
     "l2t_no_progress": ["l2t.progress.enable=false"],
     "l2t_random_layers": ["l2t.penalty.proxy=random_layers"],
 }
+DEFAULT_ABLATIONS = "l2t_no_penalty,l2t_no_progress"
+LENGTH_PENALTY = "length_penalty"
 # Scalar metrics aggregated over seeds (mean +- sample std) in the table.
 TABLE_METRICS = (
     ("accuracy", "pass@1"),
@@ -50,6 +54,7 @@ TABLE_METRICS = (
     ("mean_redundant_tokens", "redundant tok"),
     ("mean_redundant_episodes", "redundant ep"),
     ("mean_episodes", "episodes"),
+    ("mean_necessary_episodes", "necessary ep"),
 )
 
 
@@ -73,7 +78,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="prompts per step")
     p.add_argument("--n", type=int, default=4, help="samples per prompt (GRPO group)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--max-response", type=int, default=160)
+    p.add_argument("--max-response", type=int, default=224)
+    p.add_argument("--methods", default="grpo,l2t", help="main methods, trained on every seed")
+    p.add_argument(
+        "--lp-coefs", default="", help="length-penalty baseline coefficients (length_penalty@C), every seed"
+    )
+    p.add_argument("--ablations", default=DEFAULT_ABLATIONS, help=f"from {sorted(ABLATIONS)}")
     p.add_argument("--ablation-seeds", default="0", help="seeds for the ablations; empty for none")
     p.add_argument(
         "--extra",
@@ -84,17 +94,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--assets-seed", type=int, default=0)
     p.add_argument("--train-size", type=int, default=1024)
-    p.add_argument("--eval-size", type=int, default=192, help="held-out problems (tiers 1-4)")
-    p.add_argument("--eval-samples", type=int, default=1, help="samples per held-out problem")
-    p.add_argument("--sft-steps", type=int, default=1200)
-    p.add_argument("--sft-redundant-max", type=int, default=4)
+    p.add_argument("--min-steps", type=int, default=1, help="operations per problem, every split")
+    p.add_argument("--max-steps", type=int, default=4)
+    p.add_argument("--eval-size", type=int, default=256, help="held-out test problems")
+    p.add_argument("--val-size", type=int, default=256, help="validation problems (for choosing settings)")
+    p.add_argument(
+        "--eval-split",
+        choices=("test", "validation"),
+        default="test",
+        help="what the models are evaluated on: choose settings on validation, report on test",
+    )
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
+    p.add_argument("--sft-steps", type=int, default=3000)
+    p.add_argument("--sft-redundant-max", type=int, default=0)
+    p.add_argument("--sft-redundant-per-gap", type=int, default=2)
+    p.add_argument(
+        "--signal-steps",
+        type=int,
+        default=2,
+        help="steps of the signal check before training (benchmarks.efficiency.signal); 0 skips it",
+    )
+    p.add_argument("--summary", type=Path, default=None, help="also write the summary JSON here")
     p.add_argument("--smoke", action="store_true", help="1 seed, 2 steps, batch 4, tiny eval, no ablations")
     p.add_argument("--report-only", action="store_true", help="re-evaluate and report, train nothing")
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.batch, args.ablation_seeds, args.extra = "0", 2, 4, "", []
-        args.train_size, args.eval_size, args.eval_samples, args.sft_steps = 64, 16, 1, 300
-        args.max_response = 128
+        args.train_size, args.eval_size, args.val_size, args.eval_samples, args.sft_steps = 64, 16, 16, 1, 300
+        args.max_response, args.lp_coefs, args.signal_steps = 128, "", 0
     return args
 
 
@@ -103,32 +130,45 @@ def _ints(text: str) -> list[int]:
 
 
 def plan(args: argparse.Namespace) -> list[RunSpec]:
-    runs = [RunSpec(algo, algo, s) for s in _ints(args.seeds) for algo in ("grpo", "l2t")]
+    runs = [RunSpec(m, m, s) for s in _ints(args.seeds) for m in args.methods.split(",") if m]
+    runs += [
+        RunSpec(f"{LENGTH_PENALTY}@{c}", LENGTH_PENALTY, s, [f"length_penalty.coef={c}"])
+        for s in _ints(args.seeds)
+        for c in args.lp_coefs.split(",")
+        if c
+    ]
     for s in _ints(args.ablation_seeds):
-        runs += [RunSpec(name, "l2t", s, list(ovr)) for name, ovr in ABLATIONS.items()]
+        runs += [RunSpec(name, "l2t", s, list(ABLATIONS[name])) for name in args.ablations.split(",") if name]
         for extra in args.extra:
             name, _, ovr = extra.partition("=")
             runs.append(RunSpec(name, "l2t", s, [o for o in ovr.split(",") if o]))
     return runs
 
 
-def train(run: RunSpec, args: argparse.Namespace, assets: Path) -> dict[str, Any]:
-    """Train one run in a subprocess unless its final checkpoint exists; return its record."""
-    out = args.out / "runs" / run.key
-    hf_dir = out / "ckpt" / f"global_step_{args.steps}" / "actor" / "huggingface"
-    record: dict[str, Any] = {"key": run.key, "name": run.name, "seed": run.seed, "hf_dir": str(hf_dir)}
-    timing = out / "wall_s.json"
-    if hf_dir.joinpath("config.json").exists() and timing.exists():
-        record.update(json.loads(timing.read_text()))
-        return record
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
+def validation_split(paths: dict[str, Path], args: argparse.Namespace) -> Path:
+    """``data/validation.parquet`` beside the assets: problems of neither train nor test, for choosing
+    settings (the test split is only for the final report)."""
+    import pandas as pd
+
+    from l2t_verl.assets import make_problems, write_dataset
+
+    path = paths["root"] / "data" / "validation.parquet"
+    if not path.exists():
+        seen = [p[0]["content"] for f in ("train", "test") for p in pd.read_parquet(paths[f])["prompt"]]
+        rows = make_problems(
+            args.val_size, args.assets_seed, args.min_steps, args.max_steps, split="validation", exclude=seen
+        )
+        write_dataset(rows, path)
+    return path
+
+
+def trainer_command(run: RunSpec, args: argparse.Namespace, assets: Path, out: Path) -> list[str]:
+    """``python -m l2t_verl.main`` for one run: the same batch, budget, lr and steps for every method."""
     b, n = args.batch, args.n
-    cmd = [
+    return [
         sys.executable, "-m", "l2t_verl.main", "preset=cpu", "task=arith", f"algo={run.algo}",
         f"data.train_files={assets / 'data' / 'train.parquet'}",
-        f"data.val_files={assets / 'data' / 'test.parquet'}",
+        f"data.val_files={assets / 'data' / 'validation.parquet'}",
         f"data.train_batch_size={b}",
         "data.max_prompt_length=96",
         f"data.max_response_length={args.max_response}",
@@ -151,6 +191,21 @@ def train(run: RunSpec, args: argparse.Namespace, assets: Path) -> dict[str, Any
         "trainer.logger=[console,file]",
         *run.overrides,
     ]  # fmt: skip
+
+
+def train(run: RunSpec, args: argparse.Namespace, assets: Path) -> dict[str, Any]:
+    """Train one run in a subprocess unless its final checkpoint exists; return its record."""
+    out = args.out / "runs" / run.key
+    hf_dir = out / "ckpt" / f"global_step_{args.steps}" / "actor" / "huggingface"
+    record: dict[str, Any] = {"key": run.key, "name": run.name, "seed": run.seed, "hf_dir": str(hf_dir)}
+    timing = out / "wall_s.json"
+    if hf_dir.joinpath("config.json").exists() and timing.exists():
+        record.update(json.loads(timing.read_text()))
+        return record
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    cmd = trainer_command(run, args, assets, out)
     env = dict(
         os.environ, VERL_FILE_LOGGER_PATH=str(metrics), RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false"
     )
@@ -204,6 +259,7 @@ def aggregate(evals: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
                     "mean_tokens",
                     "mean_episodes",
                     "mean_redundant_episodes",
+                    "mean_necessary_episodes",
                     "settle_depth",
                 )
             }
@@ -258,6 +314,104 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
     for name, a in agg.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(a["budget_accuracy"][b], 2) for b in budgets) + " |")
     return "\n".join(lines) + "\n"
+
+
+def method_summary(per_run: dict[str, dict], records: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:
+    """``methods`` of summary.json: per method its seeds and one value per seed of each headline figure."""
+    names = {r["key"]: (r["name"], r["seed"]) for r in records}
+    names.update({f"warm_start_s{s}": ("warm_start", s) for s in seeds})
+    out: dict[str, Any] = {}
+    for key, res in per_run.items():
+        name, seed = names[key]
+        m = out.setdefault(
+            name,
+            {"seeds": [], "pass_at_1": [], "tokens": [], "redundant_tokens": [], "necessary_episodes": []},
+        )
+        m["seeds"].append(seed)
+        m["pass_at_1"].append(res["accuracy"])
+        m["tokens"].append(res["mean_tokens"])
+        m["redundant_tokens"].append(res["mean_redundant_tokens"])
+        m["necessary_episodes"].append(res["mean_necessary_episodes"])
+    return out
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], draws: int = 10_000, seed: int = 0
+) -> list[float]:
+    """95% percentile interval of mean(a - b) over seed-paired differences, resampling the pairs."""
+    import random
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choice(diffs) for _ in diffs) for _ in range(draws))
+    return [means[int(0.025 * draws)], means[int(0.975 * draws) - 1]]
+
+
+def frontier_at(methods: dict[str, Any], tokens: float) -> float | None:
+    """pass@1 of the length-penalty frontier at ``tokens``: the straight line between the two
+    length-penalty points (means over seeds) whose token counts bracket it; None if none do."""
+    points = sorted(
+        (statistics.fmean(m["tokens"]), statistics.fmean(m["pass_at_1"]))
+        for name, m in methods.items()
+        if name.startswith(f"{LENGTH_PENALTY}@")
+    )
+    for (t0, a0), (t1, a1) in zip(points, points[1:], strict=False):
+        if t0 <= tokens <= t1:
+            return a0 if t1 == t0 else a0 + (a1 - a0) * (tokens - t0) / (t1 - t0)
+    return None
+
+
+def verdict(methods: dict[str, Any]) -> list[dict[str, Any]]:
+    """The experiment's targets (means over seeds), each with its value and whether it is met."""
+    if not all(k in methods for k in ("warm_start", "grpo", "l2t")):
+        return []
+
+    def mean(name: str, key: str) -> float:
+        return statistics.fmean(methods[name][key])
+
+    warm, grpo, l2t = (mean(n, "pass_at_1") for n in ("warm_start", "grpo", "l2t"))
+    rows = [
+        ("warm start pass@1 >= 0.5", warm, warm >= 0.5),
+        ("GRPO pass@1 >= warm start - 0.03", grpo - warm, grpo >= warm - 0.03),
+        ("L2T tokens <= 0.70 x GRPO", mean("l2t", "tokens") / mean("grpo", "tokens"),
+         mean("l2t", "tokens") <= 0.70 * mean("grpo", "tokens")),
+        ("L2T pass@1 >= GRPO - 0.02", l2t - grpo, l2t >= grpo - 0.02),
+        ("L2T redundant tokens <= 0.3 x GRPO",
+         mean("l2t", "redundant_tokens") / max(mean("grpo", "redundant_tokens"), 1e-9),
+         mean("l2t", "redundant_tokens") <= 0.3 * mean("grpo", "redundant_tokens")),
+        ("L2T necessary episodes >= 0.9 x warm start",
+         mean("l2t", "necessary_episodes") / max(mean("warm_start", "necessary_episodes"), 1e-9),
+         mean("l2t", "necessary_episodes") >= 0.9 * mean("warm_start", "necessary_episodes")),
+    ]  # fmt: skip
+    line = frontier_at(methods, mean("l2t", "tokens"))
+    rows.append(
+        ("L2T on or above the length-penalty frontier", None if line is None else l2t - line,
+         None if line is None else l2t >= line)
+    )  # fmt: skip
+    return [{"target": t, "value": v, "met": m} for t, v, m in rows]
+
+
+def verdict_table(targets: list[dict[str, Any]], methods: dict[str, Any]) -> str:
+    """The targets first, then the paired L2T - GRPO differences over seeds."""
+    if not targets:
+        return ""
+    lines = ["| target | value | met |", "|---|---|---|"]
+    for t in targets:
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        met = (
+            "n/a (no bracketing length-penalty points)"
+            if t["met"] is None
+            else ("yes" if t["met"] else "**no**")
+        )
+        lines.append(f"| {t['target']} | {value} | {met} |")
+    l2t, grpo = methods["l2t"], methods["grpo"]
+    if l2t["seeds"] == grpo["seeds"] and len(l2t["seeds"]) > 1:
+        lines += ["", "L2T - GRPO, seed-paired (mean, 95% bootstrap interval over seeds):", ""]
+        for key in ("pass_at_1", "tokens", "redundant_tokens"):
+            diff = statistics.fmean(a - b for a, b in zip(l2t[key], grpo[key], strict=True))
+            lo, hi = paired_bootstrap(l2t[key], grpo[key])
+            lines.append(f"- {key}: {diff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    return "\n".join(lines) + "\n\n"
 
 
 # Per-step training metrics averaged over a run's steps: the reward scales behind L2T's process signal.
@@ -387,8 +541,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         val_size=args.eval_size,
         sft_steps=args.sft_steps,
         sft_redundant_max=args.sft_redundant_max,
+        sft_redundant_per_gap=args.sft_redundant_per_gap,
+        min_steps=args.min_steps,
+        max_steps=args.max_steps,
     )
+    validation = validation_split(paths, args)
     timings["assets_s"] = round(time.perf_counter() - t0, 1)
+
+    signal: dict[str, Any] | None = None
+    if args.signal_steps and not args.report_only:
+        from benchmarks.efficiency.signal import main as signal_main
+
+        t0 = time.perf_counter()
+        signal_out = args.out / "signal"
+        if not (signal_out / "signal.json").exists():
+            signal_main(
+                ["--assets", str(paths["root"]), "--out", str(signal_out), "--steps", str(args.signal_steps)]
+                + ["--max-response", str(args.max_response), "--seed", str(args.assets_seed)]
+            )
+        signal = json.loads((signal_out / "signal.json").read_text())
+        timings["signal_s"] = round(time.perf_counter() - t0, 1)
+        print(
+            f"[efficiency] signal: dJ necessary - redundant = {signal['diff']} {signal['diff_ci95']}",
+            flush=True,
+        )
 
     runs = plan(args)
     records = []
@@ -413,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch's own default (all cores, or OMP_NUM_THREADS): on a CPU shared with other jobs, set
     # OMP_NUM_THREADS=1, since spinning OpenMP threads waste most of their time when descheduled.
     tokenizer = AutoTokenizer.from_pretrained(str(paths["model"]))
-    rows = pd.read_parquet(paths["test"]).to_dict("records")
+    rows = pd.read_parquet(paths["test"] if args.eval_split == "test" else validation).to_dict("records")
     t0 = time.perf_counter()
     evals: dict[str, list[dict]] = {}
     per_run: dict[str, Any] = {}
@@ -443,8 +619,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_metrics[rec["key"]] = steps
 
     agg = aggregate(evals)
+    methods = method_summary(per_run, records, _ints(args.seeds))
+    targets = verdict(methods)
     table = (
-        markdown_table(agg)
+        verdict_table(targets, methods)
+        + markdown_table(agg)
         + "\nTraining diagnostics (mean over steps):\n\n"
         + diagnostics_table(train_metrics)
     )
@@ -460,6 +639,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plots": [str(p) for p in plots],
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    summary = {
+        "command": " ".join(
+            ["python", "-m", "benchmarks.efficiency.run", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "wall_s": timings["total_s"],
+        "eval_split": args.eval_split,
+        "methods": methods,
+        "signal": None
+        if signal is None
+        else {k: signal[k] for k in ("dj_necessary", "dj_redundant")} | {"diff_ci95": signal["diff_ci95"]},
+        "verdict": targets,
+    }
+    for path in [args.out / "summary.json", *([args.summary] if args.summary else [])]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "table.md").write_text(table)
     print(table)
     print(f"[efficiency] done in {timings['total_s']:.0f} s: {args.out / 'results.json'}", flush=True)

@@ -1,0 +1,156 @@
+"""Check L2T's signal before training on it: does J_r tell necessary steps from redundant ones?
+
+    python -m benchmarks.efficiency.signal --assets DIR --out outputs/efficiency/signal [--steps 2]
+
+Runs the real L2T trainer (``python -m l2t_verl.main preset=cpu task=arith algo=l2t``) from the warm
+start for ``--steps`` steps with per-sample dumps (``l2t.dump_dir``), then classifies every episode of
+the warm start's own samples from the trace format (necessary step / redundant / garbled,
+:func:`benchmarks.efficiency.redundancy.classify_episode`) and reports per class: mean ``delta_J``, mean
+``p_hat``, mean ``r_k``, mean ``r~`` and the mean advantage of its tokens. ``p_hat`` needs an update, so
+the penalty figures come from step 2 on (its reference is the weights before step 1's update).
+
+L2T can only prune over-thinking if necessary episodes have clearly larger ``delta_J`` than redundant
+ones: the report gives that difference with a 95% bootstrap interval over responses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.efficiency.redundancy import classify_episode
+from benchmarks.efficiency.run import REPO, RunSpec, trainer_command
+from l2t_verl.episodes import token_char_ends
+
+CLASSES = {"step": "necessary", "redundant": "redundant", "other": "garbled"}
+FIELDS = ("delta_j", "penalty_hat", "process_reward", "process_reward_normalized", "advantage")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--assets", type=Path, required=True, help="built by l2t_verl.assets / the efficiency run")
+    p.add_argument("--out", type=Path, default=REPO / "outputs" / "efficiency" / "signal")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--max-response", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the L2T run")
+    return p.parse_args(argv)
+
+
+def episode_rows(dump: dict, tokenizer: Any) -> list[dict]:
+    """One row per episode of a dumped sample: its class and the five per-episode quantities."""
+    ids = dump["response_ids"]
+    ends = dump["episode_ends"]
+    if not ends or not all(dump.get("rewarded") or [False]):
+        return []
+    text, char_ends = token_char_ends(ids[: ends[-1]], tokenizer)
+    advantages = dump["advantages"]
+    rows, start = [], 0
+    for k, end in enumerate(ends):
+        lo = char_ends[start - 1] if start else 0
+        rows.append(
+            {
+                "class": CLASSES[classify_episode(text[lo : char_ends[end - 1]])],
+                "delta_j": dump["delta_j"][k],
+                "penalty_hat": dump["penalty_hat"][k],
+                "process_reward": dump["process_reward"][k],
+                "process_reward_normalized": dump["process_reward_normalized"][k],
+                "advantage": statistics.fmean(advantages[start:end]),
+                "tokens": end - start,
+            }
+        )
+        start = end
+    return rows
+
+
+def _class_diff(responses: Sequence[list[dict]]) -> float | None:
+    necessary = [r["delta_j"] for rows in responses for r in rows if r["class"] == "necessary"]
+    redundant = [r["delta_j"] for rows in responses for r in rows if r["class"] == "redundant"]
+    if not necessary or not redundant:
+        return None
+    return statistics.fmean(necessary) - statistics.fmean(redundant)
+
+
+def bootstrap_ci(responses: Sequence[list[dict]], draws: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of mean dJ(necessary) - mean dJ(redundant), resampling responses."""
+    rng = random.Random(seed)
+    values = []
+    for _ in range(draws):
+        sample = [responses[rng.randrange(len(responses))] for _ in responses]
+        diff = _class_diff(sample)
+        if diff is not None:
+            values.append(diff)
+    values.sort()
+    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
+
+
+def summarize(dumps_by_step: dict[int, list[dict]], tokenizer: Any, draws: int, seed: int) -> dict[str, Any]:
+    """Per-class means (``delta_J`` over every step, the penalty terms from step 2 on) and the
+    necessary-minus-redundant ``delta_J`` difference with its bootstrap interval."""
+    responses = [episode_rows(d, tokenizer) for step in sorted(dumps_by_step) for d in dumps_by_step[step]]
+    penalised = [
+        episode_rows(d, tokenizer) for step in sorted(dumps_by_step) if step >= 2 for d in dumps_by_step[step]
+    ]
+    responses = [r for r in responses if r]
+    per_class: dict[str, dict[str, float]] = {}
+    for name in CLASSES.values():
+        rows = [r for rs in responses for r in rs if r["class"] == name]
+        later = [r for rs in penalised for r in rs if r["class"] == name]
+        if not rows:
+            continue
+        per_class[name] = {"episodes": len(rows), "tokens": statistics.fmean(r["tokens"] for r in rows)}
+        per_class[name]["delta_j"] = statistics.fmean(r["delta_j"] for r in rows)
+        for key in FIELDS[1:]:
+            per_class[name][key] = statistics.fmean(r[key] for r in later) if later else None
+    diff = _class_diff(responses)
+    return {
+        "responses": len(responses),
+        "per_class": per_class,
+        "dj_necessary": per_class.get("necessary", {}).get("delta_j"),
+        "dj_redundant": per_class.get("redundant", {}).get("delta_j"),
+        "diff": diff,
+        "diff_ci95": list(bootstrap_ci(responses, draws, seed)) if diff is not None else None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    assets = args.assets.resolve()
+    dumps = args.out / "dumps"
+    run = RunSpec("signal", "l2t", args.seed, [f"l2t.dump_dir={dumps}", *args.overrides])
+    cmd = trainer_command(run, args, assets, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(args.out / "metrics.jsonl"), RAY_DEDUP_LOGS="0")
+    with (args.out / "train.log").open("w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        sys.exit(f"signal: the L2T run failed (exit {proc.returncode}); see {args.out / 'train.log'}")
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
+    by_step = {
+        int(path.stem.split("_")[1]): [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(dumps.glob("step_*.jsonl"))
+    }
+    report = summarize(by_step, tokenizer, args.bootstrap, args.seed)
+    (args.out / "signal.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
