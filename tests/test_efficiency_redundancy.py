@@ -121,3 +121,6 @@ def test_signal_summary_per_episode_class(tokenizer):
     assert report["diff"] == pytest.approx(0.5)
     lo, hi = report["diff_ci95"]
     assert lo <= 0.5 <= hi and lo > 0.3
+    positions = report["per_position"]
+    assert positions["necessary, last"]["episodes"] == 4 and "necessary, earlier" not in positions
+    assert positions["redundant, after the last step"]["episodes"] == 6

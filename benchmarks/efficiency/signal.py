@@ -72,6 +72,19 @@ def episode_rows(dump: dict, tokenizer: Any) -> list[dict]:
             }
         )
         start = end
+    # Where an episode sits relative to the last necessary step: on this task J_r can only rise when
+    # the final value is computed, so the last step and what follows it behave differently.
+    necessary = [i for i, r in enumerate(rows) if r["class"] == "necessary"]
+    last = necessary[-1] if necessary else -1
+    for i, r in enumerate(rows):
+        if r["class"] == "necessary":
+            r["position"] = "necessary, last" if i == last else "necessary, earlier"
+        elif r["class"] == "redundant":
+            r["position"] = (
+                "redundant, after the last step" if i > last >= 0 else "redundant, before the last step"
+            )
+        else:
+            r["position"] = "garbled"
     return rows
 
 
@@ -114,8 +127,16 @@ def summarize(dumps_by_step: dict[int, list[dict]], tokenizer: Any, draws: int, 
         per_class[name]["delta_j"] = statistics.fmean(r["delta_j"] for r in rows)
         for key in FIELDS[1:]:
             per_class[name][key] = statistics.fmean(r[key] for r in later) if later else None
+    per_position: dict[str, dict[str, float]] = {}
+    for name in sorted({r["position"] for rs in responses for r in rs}):
+        rows = [r for rs in responses for r in rs if r["position"] == name]
+        later = [r for rs in penalised for r in rs if r["position"] == name]
+        per_position[name] = {"episodes": len(rows), "delta_j": statistics.fmean(r["delta_j"] for r in rows)}
+        for key in FIELDS[1:]:
+            per_position[name][key] = statistics.fmean(r[key] for r in later) if later else None
     diff = _class_diff(responses)
     return {
+        "per_position": per_position,
         "responses": len(responses),
         "per_class": per_class,
         "dj_necessary": per_class.get("necessary", {}).get("delta_j"),
