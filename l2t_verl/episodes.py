@@ -25,6 +25,7 @@ __all__ = [
     "THINK_CLOSE",
     "EpisodeConfig",
     "cap_episodes",
+    "check_episode_ends",
     "char_to_token_ends",
     "episode_ids_for",
     "merge_short_episodes",
@@ -239,10 +240,23 @@ def segment_episodes(
     return cap_episodes(ends, cfg.max_episodes)
 
 
+def check_episode_ends(ends: Sequence[int], response_len: int) -> list[int]:
+    """``ends`` as ints if they are strictly increasing within ``[1, response_len]``, else ``ValueError``.
+
+    The one place that says what valid exclusive episode END indices are (episodes, probes, rewards
+    and the per-sample record all rely on it).
+    """
+    values = [int(e) for e in ends]
+    if any(b <= a for a, b in zip([0, *values], values, strict=False)) or (
+        values and values[-1] > response_len
+    ):
+        raise ValueError(f"episode_ends must be strictly increasing within [1, {response_len}]; got {values}")
+    return values
+
+
 def episode_ids_for(response_len: int, ends: Sequence[int]) -> list[int]:
     """Per-token episode index for a response of ``response_len`` tokens; -1 for the tail."""
-    if any(b <= a for a, b in zip([0, *ends], ends, strict=False)) or (ends and ends[-1] > response_len):
-        raise ValueError(f"ends must be strictly increasing within [1, {response_len}]; got {list(ends)}")
+    ends = check_episode_ends(ends, response_len)
     out = [-1] * response_len
     start = 0
     for k, end in enumerate(ends):

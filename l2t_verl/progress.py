@@ -45,8 +45,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l2t_verl.episodes import THINK_CLOSE
-from l2t_verl.rewards import check_episode_ends
+from l2t_verl.episodes import THINK_CLOSE, check_episode_ends
 from l2t_verl.scoring.arith import closing_brace
 from l2t_verl.settings import L2TConfigError, ProgressConfig
 

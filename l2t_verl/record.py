@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from l2t_verl.rewards import check_episode_ends
+from l2t_verl.episodes import check_episode_ends
 
 __all__ = [
     "OUTCOME_KEY",

@@ -19,30 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
+from l2t_verl.episodes import check_episode_ends
+
 __all__ = [
     "PENALTY_NORMALIZE_MODES",
     "PenaltyScale",
-    "check_episode_ends",
     "dense_token_rewards",
     "normalize_penalties",
     "process_rewards",
 ]
 
 PENALTY_NORMALIZE_MODES = ("delta_j", "batch_mean", "none")
-
-
-def check_episode_ends(ends: Sequence[int], response_len: int) -> list[int]:
-    """``ends`` as ints if they are strictly increasing within ``[1, response_len]``, else ``ValueError``.
-
-    The one place that says what valid exclusive episode END indices are (episodes, probes, rewards
-    and the per-sample record all rely on it).
-    """
-    values = [int(e) for e in ends]
-    if any(b <= a for a, b in zip([0, *values], values, strict=False)) or (
-        values and values[-1] > response_len
-    ):
-        raise ValueError(f"episode_ends must be strictly increasing within [1, {response_len}]; got {values}")
-    return values
 
 
 def process_rewards(delta_j: Sequence[float], penalties_hat: Sequence[float], beta: float) -> list[float]:

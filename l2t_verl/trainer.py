@@ -63,6 +63,7 @@ class L2TTrainer(PPOTrainerSync):
     def __init__(self, config) -> None:
         self.l2t = L2TConfig.from_config(config)
         self._jr_health = JrHealth()
+        self._step_records: tuple[tuple, tuple[list[SampleRecord], int, torch.Tensor]] | None = None
         super().__init__(config)
 
     # verl selects a trainer class by ``trainer.v1.trainer_mode`` and then branches on
@@ -95,7 +96,14 @@ class L2TTrainer(PPOTrainerSync):
         return batch
 
     def _records(self, batch) -> tuple[list[SampleRecord], int, torch.Tensor]:
-        """Every sample's checked :class:`SampleRecord`, the number found malformed, the response lengths."""
+        """Every sample's checked :class:`SampleRecord`, the number found malformed, the response lengths.
+
+        Read once per step: the penalty and the advantage phases of the same batch share the result (so a
+        malformed record is also logged once)."""
+        # TransferQueue keys may repeat across steps, so the step number is part of the cache key.
+        keys = (self.global_steps, batch.partition_id, tuple(batch.keys))
+        if self._step_records is not None and self._step_records[0] == keys:
+            return self._step_records[1]
         data = tq.kv_batch_get(
             keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields", "response_mask"]
         )
@@ -104,6 +112,7 @@ class L2TTrainer(PPOTrainerSync):
         records, malformed = read_records(
             extras, lengths.tolist(), self.l2t.progress_active, self.l2t.episodes.max_episodes
         )
+        self._step_records = (keys, (records, malformed, lengths))
         return records, malformed, lengths
 
     def _compute_penalty(self, batch, metrics: dict):

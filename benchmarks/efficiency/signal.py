@@ -109,6 +109,27 @@ def bootstrap_ci(responses: Sequence[list[dict]], draws: int, seed: int) -> tupl
     return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
 
 
+def _means_by(
+    key: str, names: Sequence[str], responses: Sequence[list[dict]], penalised: Sequence[list[dict]]
+) -> dict[str, dict[str, float | None]]:
+    """Per value of ``key`` (class or position): episode count, mean tokens and delta_J over every step,
+    the penalty terms over ``penalised`` (step 2 on). Values with no episode are left out."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in names:
+        rows = [r for rs in responses for r in rs if r[key] == name]
+        later = [r for rs in penalised for r in rs if r[key] == name]
+        if not rows:
+            continue
+        out[name] = {
+            "episodes": len(rows),
+            "tokens": statistics.fmean(r["tokens"] for r in rows),
+            "delta_j": statistics.fmean(r["delta_j"] for r in rows),
+        }
+        for field in FIELDS[1:]:
+            out[name][field] = statistics.fmean(r[field] for r in later) if later else None
+    return out
+
+
 def summarize(dumps_by_step: dict[int, list[dict]], tokenizer: Any, draws: int, seed: int) -> dict[str, Any]:
     """Per-class means (``delta_J`` over every step, the penalty terms from step 2 on) and the
     necessary-minus-redundant ``delta_J`` difference with its bootstrap interval."""
@@ -117,23 +138,10 @@ def summarize(dumps_by_step: dict[int, list[dict]], tokenizer: Any, draws: int, 
         episode_rows(d, tokenizer) for step in sorted(dumps_by_step) if step >= 2 for d in dumps_by_step[step]
     ]
     responses = [r for r in responses if r]
-    per_class: dict[str, dict[str, float]] = {}
-    for name in CLASSES.values():
-        rows = [r for rs in responses for r in rs if r["class"] == name]
-        later = [r for rs in penalised for r in rs if r["class"] == name]
-        if not rows:
-            continue
-        per_class[name] = {"episodes": len(rows), "tokens": statistics.fmean(r["tokens"] for r in rows)}
-        per_class[name]["delta_j"] = statistics.fmean(r["delta_j"] for r in rows)
-        for key in FIELDS[1:]:
-            per_class[name][key] = statistics.fmean(r[key] for r in later) if later else None
-    per_position: dict[str, dict[str, float]] = {}
-    for name in sorted({r["position"] for rs in responses for r in rs}):
-        rows = [r for rs in responses for r in rs if r["position"] == name]
-        later = [r for rs in penalised for r in rs if r["position"] == name]
-        per_position[name] = {"episodes": len(rows), "delta_j": statistics.fmean(r["delta_j"] for r in rows)}
-        for key in FIELDS[1:]:
-            per_position[name][key] = statistics.fmean(r[key] for r in later) if later else None
+    per_class = _means_by("class", [n for n in CLASSES.values()], responses, penalised)
+    per_position = _means_by(
+        "position", sorted({r["position"] for rs in responses for r in rs}), responses, penalised
+    )
     diff = _class_diff(responses)
     return {
         "per_position": per_position,
