@@ -48,6 +48,7 @@ __all__ = [
     "episode_penalties",
     "episode_penalties_exact",
     "last_layer_mlp_regex",
+    "proxy_regex",
     "random_layer_regex",
     "select_proxy_params",
 ]
@@ -130,6 +131,25 @@ def random_layer_regex(model: nn.Module, fraction: float = 0.3, seed: int = 0) -
     regex = _mlp_regex(picked)
     select_proxy_params(model, regex)
     return regex
+
+
+def proxy_regex(
+    model: nn.Module,
+    *,
+    modules: str | None = None,
+    proxy: str = "lowrank_svd",
+    random_fraction: float = 0.3,
+    seed: int = 0,
+) -> str:
+    """The proxy set P of docs/method.md §3 / §6 as a regex: an explicit ``modules`` regex, the MLPs of
+    random layers (``proxy="random_layers"``), or the last decoder layer's MLP. Raises ``ValueError``
+    naming the regex when it matches no 2-D weight of ``model`` (a meta-device model will do)."""
+    if modules:
+        select_proxy_params(model, modules)
+        return modules
+    if proxy == "random_layers":
+        return random_layer_regex(model, fraction=random_fraction, seed=seed)
+    return last_layer_mlp_regex(model)
 
 
 # --------------------------------------------------------------------------------------------------

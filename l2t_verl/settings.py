@@ -33,7 +33,9 @@ class ProgressConfig:
     num_samples: int = 4  # M, sampling estimator only
     max_answer_tokens: int = 32  # sampling estimator only
     temperature: float = 1.0  # sampling estimator only
-    timeout_s: float = 120.0  # per response, all its probes together
+    timeout_s: float = 120.0  # per response, all its probes together: base ...
+    timeout_per_probe_s: float = 2.0  # ... plus this much per probe (a long response has many)
+    prefix_cache: bool = False  # vLLM: let likelihood probes read the prefix cache (opt-in, see docs)
 
     def validate(self) -> None:
         _one_of("l2t.progress.estimator", self.estimator, ("likelihood", "sampling"))
@@ -43,6 +45,18 @@ class ProgressConfig:
             raise L2TConfigError(f"l2t.progress.temperature must be > 0; got {self.temperature!r}")
         if not self.timeout_s > 0:
             raise L2TConfigError(f"l2t.progress.timeout_s must be > 0; got {self.timeout_s!r}")
+        if not self.timeout_per_probe_s >= 0:
+            raise L2TConfigError(
+                f"l2t.progress.timeout_per_probe_s must be >= 0; got {self.timeout_per_probe_s!r}"
+            )
+        if not isinstance(self.prefix_cache, bool):
+            raise L2TConfigError(
+                f"l2t.progress.prefix_cache must be true or false; got {self.prefix_cache!r}"
+            )
+
+    def probe_timeout_s(self, num_probes: int) -> float:
+        """All probes of one response together: the base plus a share per probe."""
+        return self.timeout_s + self.timeout_per_probe_s * num_probes
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,9 @@ class PenaltyConfig:
     clip: float = 10.0  # p_hat <= clip * mean|delta_J| (batch_mean: <= clip)
     random_fraction: float = 0.3  # random_layers only
     seed: int = 0
+    method: str = "auto"  # auto | forward_ad | reverse | finite_difference (docs/method.md §3)
+    max_token_len: int | None = None  # tokens per penalty micro-batch; None = verl's per-GPU log-prob budget
+    logit_chunk: int = 1024  # positions per chunk of the output layer's log-softmax
 
     def validate(self) -> None:
         _one_of("l2t.penalty.proxy", self.proxy, ("lowrank_svd", "random_layers"))
@@ -67,6 +84,10 @@ class PenaltyConfig:
         if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not self.clip > 0:
             raise L2TConfigError(f"l2t.penalty.clip must be a number > 0; got {self.clip!r}")
         _positive_int("l2t.penalty.rank", self.rank)
+        _one_of("l2t.penalty.method", self.method, ("auto", "forward_ad", "reverse", "finite_difference"))
+        if self.max_token_len is not None:
+            _positive_int("l2t.penalty.max_token_len", self.max_token_len)
+        _positive_int("l2t.penalty.logit_chunk", self.logit_chunk)
         if not (isinstance(self.damping, (int, float)) and self.damping > 0):
             raise L2TConfigError(f"l2t.penalty.damping must be > 0; got {self.damping!r}")
         if not 0 < self.random_fraction <= 1:

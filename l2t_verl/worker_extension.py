@@ -30,8 +30,7 @@ from l2t_verl import faults
 from l2t_verl.penalty import (
     LowRankUpdate,
     episode_penalties,
-    last_layer_mlp_regex,
-    random_layer_regex,
+    proxy_regex,
     select_proxy_params,
 )
 
@@ -47,15 +46,6 @@ def _full(param: torch.Tensor) -> torch.Tensor:
     # full_tensor() is a collective over the FSDP mesh: every rank must call it, in the same order.
     value = param.full_tensor() if isinstance(param, DTensor) else param
     return value.detach().to(torch.float32).clone()
-
-
-def proxy_regex(module: torch.nn.Module, settings: dict) -> str:
-    """The proxy set P of docs/method.md §3 / 6: an explicit regex, the last layer's MLP, or random layers."""
-    if settings.get("modules"):
-        return settings["modules"]
-    if settings.get("proxy") == "random_layers":
-        return random_layer_regex(module, fraction=settings["random_fraction"], seed=settings["seed"])
-    return last_layer_mlp_regex(module)
 
 
 def padded_penalty_batch(data: TensorDict) -> tuple[torch.Tensor, ...]:
@@ -96,7 +86,15 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
 
     def _l2t_proxy(self) -> dict[str, torch.nn.Parameter]:
         module = self.actor.engine.module
-        return select_proxy_params(module, proxy_regex(module, self._l2t_settings))
+        s = self._l2t_settings
+        regex = proxy_regex(
+            module,
+            modules=s.get("modules"),
+            proxy=s.get("proxy", "lowrank_svd"),
+            random_fraction=s.get("random_fraction", 0.3),
+            seed=s.get("seed", 0),
+        )
+        return select_proxy_params(module, regex)
 
     def _l2t_snapshot(self) -> dict[str, torch.Tensor]:
         return {name: _full(p) for name, p in sorted(self._l2t_proxy().items())}
