@@ -9,7 +9,9 @@ Per response (docs/method.md §§1-2, 8):
 2. when ``l2t.enable``: cut the response into episodes (``l2t.episodes``) on its own token ids;
 3. when ``l2t.progress.enable`` too: send the K+1 J_r probes to the SAME server, through the same
    ``server_manager`` with the generation's request id, so the load balancer's sticky session
-   routes them to the replica whose prefix cache holds the response (``l2t_verl.progress``);
+   routes them to the replica that holds the response's KV blocks (``l2t_verl.progress``). The local
+   ``hf`` server reads them; vLLM does not for prompt log-prob requests unless
+   ``l2t.progress.prefix_cache`` is on (docs/method.md §2);
 4. write the results into ``AgentLoopOutput.extra_fields`` as the sample's
    :class:`~l2t_verl.record.SampleRecord` (that module owns the field names).
 
@@ -145,6 +147,7 @@ class L2TAgentLoop(SingleTurnAgentLoop):
             probe_tokens=result.probe_tokens,
             probe_time_s=result.probe_time_s,
             probe_verifier_errors=result.verifier_errors,
+            probe_cache_fallbacks=result.cache_fallbacks,
         )
         return record.to_extra_fields()
 
@@ -154,7 +157,8 @@ class L2TAgentLoop(SingleTurnAgentLoop):
         sticky = request_id or "l2t-probe"
 
         async def probe(prompt_ids: list[int], sampling_params: dict[str, Any]) -> Any:
-            # The generation's id routes the probe to the replica holding the response's KV cache.
+            # The generation's id routes the probe to the replica holding the response's KV blocks
+            # (read by the hf server, and by vLLM under l2t.progress.prefix_cache).
             # Under full_determinism verl forwards the id to vLLM as is, and concurrent requests
             # must not share one, so each probe gets its own (deterministic) id there.
             n = next(counter)

@@ -7,14 +7,72 @@ reward loops), started from ``config/l2t_trainer.yaml``. The L2T pieces plug in 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, open_dict
 
 PROBE_HEADROOM_TOKENS = 128
+"""Model-length room left above prompt + response for the likelihood probes (force suffix + answer)."""
+PROBE_HEADROOM_MARGIN_TOKENS = 8
+"""Slack added to a sampling probe's counted need when ``max_model_len`` is filled in by default."""
+
+# Keys whose value > 1 turns on Ulysses sequence parallelism in verl 0.9.1's FSDP engines. The ref's
+# are included: its engine lives in the actor's process, and verl's SP patch replaces the model
+# classes' attention process-wide.
+ULYSSES_KEYS = (
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size",
+    "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
+    "actor_rollout_ref.ref.ulysses_sequence_parallel_size",
+    "actor_rollout_ref.ref.fsdp_config.ulysses_sequence_parallel_size",
+)
+FUSED_KERNEL_KEYS = ("actor_rollout_ref.model.use_liger", "actor_rollout_ref.model.use_fused_kernels")
+
+logger = logging.getLogger("l2t_verl")
+
+
+class ModelFiles:
+    """The model's tokenizer and config for the start-up checks, each loaded at most once.
+
+    A path that cannot be loaded here (a remote path verl copies later) leaves the checks that need it
+    skipped with a warning; a non-local path that failed once is not tried again, so an unreachable hub
+    costs its retries once, not once per check.
+    """
+
+    def __init__(self, config: DictConfig) -> None:
+        model = config.actor_rollout_ref.model
+        self.path = str(model.path)
+        self.trust_remote_code = bool(model.get("trust_remote_code", False))
+        self._loaded: dict[str, Any] = {}
+        self._unreachable = False
+
+    def tokenizer(self, purpose: str) -> Any | None:
+        from transformers import AutoTokenizer
+
+        return self._load("tokenizer", AutoTokenizer, purpose)
+
+    def model_config(self, purpose: str) -> Any | None:
+        from transformers import AutoConfig
+
+        return self._load("config", AutoConfig, purpose)
+
+    def _load(self, what: str, loader: Any, purpose: str) -> Any | None:
+        if what in self._loaded:
+            return self._loaded[what]
+        self._loaded[what] = None
+        if self._unreachable:
+            logger.warning("l2t: %s could not be reached; not done: %s", self.path, purpose)
+            return None
+        try:
+            self._loaded[what] = loader.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        except Exception as exc:
+            self._unreachable = not os.path.exists(os.path.expanduser(self.path))
+            logger.warning("l2t: could not load the %s of %s to %s (%s)", what, self.path, purpose, exc)
+        return self._loaded[what]
 
 
 def check_method_combination(config: DictConfig, l2t) -> None:
@@ -50,27 +108,123 @@ def check_method_combination(config: DictConfig, l2t) -> None:
         )
 
 
-def check_probe_target(config: DictConfig, l2t) -> None:
+def check_probe_target(config: DictConfig, l2t, files: ModelFiles | None = None) -> None:
     """The likelihood probe's ``answer_suffix`` against the model's tokenizer (docs/method.md §2)."""
-    import logging
-
     from l2t_verl.progress import check_answer_suffix
 
-    try:
-        from transformers import AutoTokenizer
+    tokenizer = (files or ModelFiles(config)).tokenizer("check l2t.progress.answer_suffix")
+    if tokenizer is not None:
+        check_answer_suffix(tokenizer, l2t.progress.answer_suffix)
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            config.actor_rollout_ref.model.path,
-            trust_remote_code=bool(config.actor_rollout_ref.model.get("trust_remote_code", False)),
+
+def check_penalty_engine(config: DictConfig, l2t) -> None:
+    """The actor-engine features the penalty's own forward cannot run under (docs/method.md §3)."""
+    from omegaconf import OmegaConf
+
+    from l2t_verl.settings import L2TConfigError
+
+    if not l2t.penalty_active:
+        return
+    for key in ULYSSES_KEYS:
+        size = OmegaConf.select(config, key, default=1)
+        if size is not None and int(size) > 1:
+            raise L2TConfigError(
+                f"{key}={size} is not supported with the L2T penalty: it runs whole sequences through "
+                "a model patched for sequence-parallel all-to-alls; set it to 1 or l2t.penalty.enable=false"
+            )
+    for key in FUSED_KERNEL_KEYS:
+        if OmegaConf.select(config, key, default=False):
+            raise L2TConfigError(
+                f"{key}=true is not supported with the L2T penalty: the kernels replace the model's "
+                "forward and output layer, whose log-softmax the penalty differentiates; set it to false"
+            )
+
+
+def check_proxy_target(config: DictConfig, l2t, files: ModelFiles | None = None) -> None:
+    """The penalty's proxy set against the model's parameter names (on the meta device, no weights),
+    so that a regex matching nothing stops the run here rather than at the first penalty call."""
+    from l2t_verl.settings import L2TConfigError
+
+    if not l2t.penalty_active:
+        return
+    penalty = l2t.penalty
+    if penalty.method == "reverse" and penalty.proxy == "random_layers":
+        raise L2TConfigError(
+            "l2t.penalty.method=reverse cannot run with l2t.penalty.proxy=random_layers: reverse needs "
+            "no attention layer after the proxy set, and every layer but the last has some after it; "
+            "use method=forward_ad"
         )
-    except Exception as exc:  # a remote path verl copies later; the probes then run unchecked
-        logging.getLogger("l2t_verl").warning(
-            "l2t: could not load the tokenizer of %s to check l2t.progress.answer_suffix (%s)",
-            config.actor_rollout_ref.model.path,
-            exc,
+    files = files or ModelFiles(config)
+    model_config = files.model_config("check the l2t.penalty proxy set")
+    if model_config is None:
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from l2t_verl.penalty import proxy_regex
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=files.trust_remote_code)
+    except Exception as exc:  # an architecture transformers cannot build here; the workers will say more
+        logger.warning(
+            "l2t: could not build %s on the meta device to check the proxy set (%s)", files.path, exc
         )
         return
-    check_answer_suffix(tokenizer, l2t.progress.answer_suffix)
+    try:
+        proxy_regex(
+            model,
+            modules=penalty.modules,
+            proxy=penalty.proxy,
+            random_fraction=penalty.random_fraction,
+            seed=penalty.seed,
+        )
+    except ValueError as exc:
+        random = penalty.proxy == "random_layers" and not penalty.modules
+        raise L2TConfigError(f"{'l2t.penalty.proxy' if random else 'l2t.penalty.modules'}: {exc}") from None
+
+
+def force_suffix_tokens(force_suffix: str, tokenizer: Any | None) -> int:
+    """The force suffix's length in tokens; without a tokenizer, one per UTF-8 byte, a bound that
+    byte-level BPE and byte-fallback vocabularies never exceed."""
+    if tokenizer is not None:
+        return len(tokenizer.encode(force_suffix, add_special_tokens=False))
+    return len(force_suffix.encode("utf-8"))
+
+
+def set_probe_headroom(config: DictConfig, l2t, files: ModelFiles | None = None) -> None:
+    """``actor_rollout_ref.rollout.max_model_len``: room above prompt + response for the J_r probes.
+
+    A probe is prompt + reasoning prefix + force suffix + answer, so it can outgrow the generation
+    budget by the suffix and the answer. The server clamps a generation to what is left of
+    ``max_model_len``, which would cut the sampling estimator's forced answers short silently.
+    """
+    from l2t_verl.settings import L2TConfigError
+
+    if not l2t.progress_active:
+        return
+    rollout = config.actor_rollout_ref.rollout
+    generation = int(config.data.max_prompt_length) + int(config.data.max_response_length)
+    sampling = l2t.progress.estimator == "sampling"
+    need = 0
+    if sampling:
+        tokenizer = (files or ModelFiles(config)).tokenizer("count the l2t.progress.force_suffix tokens")
+        suffix = force_suffix_tokens(l2t.progress.force_suffix, tokenizer)
+        need = suffix + int(l2t.progress.max_answer_tokens)
+    if rollout.get("max_model_len") is None:
+        with open_dict(config):
+            rollout.max_model_len = generation + max(
+                PROBE_HEADROOM_TOKENS, need + PROBE_HEADROOM_MARGIN_TOKENS
+            )
+        return
+    room = int(rollout.max_model_len) - generation
+    if sampling and room < need:
+        raise L2TConfigError(
+            f"actor_rollout_ref.rollout.max_model_len={rollout.max_model_len} leaves {room} tokens above "
+            f"data.max_prompt_length + data.max_response_length for a sampling probe, which needs {need} "
+            f"(force suffix {suffix} + l2t.progress.max_answer_tokens {l2t.progress.max_answer_tokens}); "
+            f"set it to at least {generation + need}, or leave it unset"
+        )
 
 
 def prepare_config(config: DictConfig) -> DictConfig:
@@ -88,7 +242,9 @@ def prepare_config(config: DictConfig) -> DictConfig:
         if not config.reward.custom_reward_function.get("path"):
             config.reward.custom_reward_function.path = str(Path(__file__).parent / "scoring" / "__init__.py")
     l2t = L2TConfig.from_config(config)
+    model_files = ModelFiles(config)
     check_method_combination(config, l2t)
+    check_penalty_engine(config, l2t)
     check_length_penalty(config)  # the length-penalty baseline's settings, when algo=length_penalty
     rollout = config.actor_rollout_ref.rollout
     if float(rollout.get("temperature", 1.0)) <= 0:
@@ -97,15 +253,10 @@ def prepare_config(config: DictConfig) -> DictConfig:
         raise L2TConfigError(
             f"actor_rollout_ref.rollout.temperature must be > 0 for training; got {rollout.temperature}"
         )
-    if l2t.progress_active and rollout.get("max_model_len") is None:
-        # A J_r probe is prompt + reasoning prefix + force suffix + answer: it can outgrow the
-        # generation budget by the force suffix and the answer, so leave the server room for them.
-        with open_dict(config):
-            rollout.max_model_len = (
-                config.data.max_prompt_length + config.data.max_response_length + PROBE_HEADROOM_TOKENS
-            )
+    check_proxy_target(config, l2t, model_files)
+    set_probe_headroom(config, l2t, model_files)
     if l2t.progress_active and l2t.progress.estimator == "likelihood":
-        check_probe_target(config, l2t)
+        check_probe_target(config, l2t, model_files)
     for key in ("train_files", "val_files"):
         files = config.data.get(key)
         for path in [files] if isinstance(files, str) else list(files or []):

@@ -14,6 +14,9 @@ Estimators (``l2t.progress.estimator``):
   of ``ground_truth + answer_suffix``, scored prefill-only through vLLM's ``prompt_logprobs``
   convention (``TokenOutput.extra_fields["prompt_logprobs"][i]`` = ``[log p(token i+1)]``, last
   entry a dummy). verl's vLLM server and the local ``hf`` server both return that format.
+  vLLM does not read its prefix cache for such requests unless told to, so by default every probe
+  re-prefills its whole prefix; ``l2t.progress.prefix_cache`` (opt-in) lets it read the cache and
+  parses only the answer's entries, right-aligned (:func:`likelihood_from_answer_logprobs`).
 - ``sampling``: M forced continuations per probe (separate requests, distinct seeds), each
   scored by the outcome verifier on ``force_suffix + decoded continuation``; ``J_r`` = fraction
   scoring >= 0.5 (the verifiers here are {0, 1}). A verifier exception or timeout counts as
@@ -26,8 +29,8 @@ K = 0 (empty response or empty reasoning span): no probe is sent and ``jr == del
 there is no episode to credit, so ``J_0`` alone would only cost a request.
 
 A failed probe request (exception, aborted request, malformed reply, or the whole set running
-past ``timeout_s``) gives ``failed=True`` with ``jr == delta_j == []``: that response gets the
-outcome reward only (docs/method.md §8). Nothing here raises for a bad probe.
+past ``ProgressConfig.probe_timeout_s(K + 1)``) gives ``failed=True`` with ``jr == delta_j == []``:
+that response gets the outcome reward only (docs/method.md §8). Nothing here raises for a bad probe.
 
 This module talks to the server through a plain ``generate(prompt_ids, sampling_params)``
 coroutine, so it runs against verl's ``LLMServerClient``, the local ``hf`` server, or a test stub.
@@ -64,7 +67,9 @@ __all__ = [
     "forced_probe_prompts",
     "ground_truth_text",
     "normalize_answer",
+    "likelihood_from_answer_logprobs",
     "likelihood_from_prompt_logprobs",
+    "likelihood_params",
     "probe_boundaries",
     "probe_prompts",
 ]
@@ -97,6 +102,8 @@ class ProgressResult:
     probe_time_s: wall time of the probe round trip for this response.
     failed / error: a probe request failed; the response gets the outcome reward only.
     verifier_errors: verifier exceptions/timeouts (sampling estimator), each scored incorrect.
+    cache_fallbacks: likelihood probes sent again without the prefix cache because the cached reply
+        lacked a usable log-prob for an answer token (``l2t.progress.prefix_cache`` only).
     """
 
     jr: list[float] = field(default_factory=list)
@@ -106,6 +113,7 @@ class ProgressResult:
     failed: bool = False
     error: str | None = None
     verifier_errors: int = 0
+    cache_fallbacks: int = 0
 
 
 def probe_boundaries(episode_ends: Sequence[int]) -> list[int]:
@@ -267,6 +275,27 @@ def deltas(jr: Sequence[float]) -> list[float]:
     return [float(b) - float(a) for a, b in zip(jr, jr[1:], strict=False)]
 
 
+def _check_lengths(total_len: int, answer_len: int) -> None:
+    if answer_len < 1 or total_len <= answer_len:
+        raise ProbeError(f"cannot score {answer_len} answer tokens in a sequence of {total_len}")
+
+
+def _entry_value(entry: Any) -> float | None:
+    """The log-prob of one ``prompt_logprobs`` entry (``[logp]`` or a bare number); ``None`` when absent."""
+    if isinstance(entry, (list, tuple)):
+        entry = entry[0] if entry else None
+    return None if entry is None else float(entry)
+
+
+def _likelihood(values: Sequence[float]) -> float:
+    total = 0.0
+    for value in values:
+        if math.isnan(value) or value > 1e-6:
+            raise ProbeError(f"prompt_logprobs holds an invalid log-prob {value!r}")
+        total += value
+    return min(1.0, max(0.0, math.exp(total)))
+
+
 def likelihood_from_prompt_logprobs(prompt_logprobs: Sequence[Any], total_len: int, answer_len: int) -> float:
     """``exp(sum log p(answer))`` from a ``prompt_logprobs`` reply over ``probe + answer`` ids.
 
@@ -274,21 +303,69 @@ def likelihood_from_prompt_logprobs(prompt_logprobs: Sequence[Any], total_len: i
     at positions ``total_len - answer_len .. total_len - 1`` are entries
     ``total_len - answer_len - 1 .. total_len - 2``.
     """
-    if answer_len < 1 or total_len <= answer_len:
-        raise ProbeError(f"cannot score {answer_len} answer tokens in a sequence of {total_len}")
+    _check_lengths(total_len, answer_len)
     if prompt_logprobs is None or len(prompt_logprobs) != total_len:
         got = None if prompt_logprobs is None else len(prompt_logprobs)
         raise ProbeError(f"prompt_logprobs must have one entry per prompt token ({total_len}); got {got}")
-    total = 0.0
-    for entry in prompt_logprobs[total_len - answer_len - 1 : total_len - 1]:
-        value = entry[0] if isinstance(entry, (list, tuple)) else entry
-        if value is None:
-            raise ProbeError("prompt_logprobs has no log-prob for an answer token")
-        value = float(value)
-        if math.isnan(value) or value > 1e-6:
-            raise ProbeError(f"prompt_logprobs holds an invalid log-prob {value!r}")
-        total += value
-    return min(1.0, max(0.0, math.exp(total)))
+    values = [_entry_value(e) for e in prompt_logprobs[total_len - answer_len - 1 : total_len - 1]]
+    if any(v is None for v in values):
+        raise ProbeError("prompt_logprobs has no log-prob for an answer token")
+    return _likelihood(values)
+
+
+def likelihood_from_answer_logprobs(
+    prompt_logprobs: Sequence[Any] | None,
+    total_len: int,
+    answer_len: int,
+    num_cached_tokens: int | None,
+) -> float | None:
+    """``exp(sum log p(answer))`` from a reply that may have read the prefix cache, or ``None`` when the
+    reply does not hold a log-prob it can be trusted for at every answer token (the caller then scores the
+    probe again without the cache).
+
+    A prefix-cached reply covers only the positions the server computed, so it is read right-aligned:
+    the last entry is the dummy and the ``answer_len`` entries before it are the answer tokens. With
+    ``c = num_cached_tokens`` the server computes the logits of positions ``c .. total_len - 1``, i.e.
+    the log-probs of tokens ``c + 1 .. total_len - 1``: the reply holds ``total_len - c`` entries with the
+    dummy, or all ``total_len`` with the cached ones empty (the local ``hf`` server fills them all).
+    The answer was computed only when ``c <= total_len - answer_len - 1``. Past that, or with an unknown
+    ``c``, or a length that fits neither form, the entries cannot be placed and the answer is ``None``:
+    a misplaced entry would be a wrong ``J_r`` that no value check can see.
+    """
+    _check_lengths(total_len, answer_len)
+    if prompt_logprobs is None:
+        return None
+    n = len(prompt_logprobs)
+    if n > total_len:
+        raise ProbeError(f"prompt_logprobs has {n} entries for a prompt of {total_len} tokens")
+    if isinstance(num_cached_tokens, bool) or not isinstance(num_cached_tokens, (int, float)):
+        return None
+    cached = int(num_cached_tokens)
+    if cached < 0 or cached > total_len - answer_len - 1 or n not in (total_len, total_len - cached):
+        return None
+    values = [_entry_value(e) for e in prompt_logprobs[n - answer_len - 1 : n - 1]]
+    if any(v is None for v in values):
+        return None
+    return _likelihood(values)
+
+
+def likelihood_params(max_tokens: int, read_prefix_cache: bool | None = None) -> dict[str, Any]:
+    """Sampling parameters of a likelihood probe.
+
+    ``detokenize=False``: only log-probs are read, and vLLM would otherwise decode a string for every
+    prompt position. ``read_prefix_cache``: ``None`` leaves ``skip_reading_prefix_cache`` unset (vLLM
+    then skips the cache for prompt log-prob requests; releases without that field accept the request),
+    a bool sets it.
+    """
+    params: dict[str, Any] = {
+        "prompt_logprobs": 0,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "detokenize": False,
+    }
+    if read_prefix_cache is not None:
+        params["skip_reading_prefix_cache"] = not read_prefix_cache
+    return params
 
 
 def _extra(output: Any) -> dict:
@@ -325,16 +402,30 @@ def _score_value(result: Any) -> float:
 
 
 async def _likelihood_probe(
-    generate: GenerateFn, probe: list[int], answer: list[int], max_tokens: int
-) -> tuple[float, int, int]:
+    generate: GenerateFn, probe: list[int], answer: list[int], max_tokens: int, prefix_cache: bool
+) -> tuple[float, int, int, int]:
+    """``(J_r, computed tokens, verifier errors, cache fallbacks)`` of one probe."""
     ids = probe + answer
     # vLLM rejects max_tokens=0, so portable callers send 1 greedy token; the local hf server
     # takes 0 and then skips generation entirely (see compute_progress(score_max_tokens=...)).
-    params = {"prompt_logprobs": 0, "max_tokens": max_tokens, "temperature": 0.0}
+    tokens = 0
+    if prefix_cache:
+        output = await generate(ids, likelihood_params(max_tokens, read_prefix_cache=True))
+        _check_not_aborted(output)
+        extra = _extra(output)
+        tokens = _computed_tokens(output, len(ids))
+        jr = likelihood_from_answer_logprobs(
+            extra.get("prompt_logprobs"), len(ids), len(answer), extra.get("num_cached_tokens")
+        )
+        if jr is not None:
+            return jr, tokens, 0, 0
+        params = likelihood_params(max_tokens, read_prefix_cache=False)
+    else:
+        params = likelihood_params(max_tokens)
     output = await generate(ids, params)
     _check_not_aborted(output)
     jr = likelihood_from_prompt_logprobs(_extra(output).get("prompt_logprobs"), len(ids), len(answer))
-    return jr, _computed_tokens(output, len(ids)), 0
+    return jr, tokens + _computed_tokens(output, len(ids)), 0, int(prefix_cache)
 
 
 async def _run_verifier(verifier: VerifierFn, timeout_s: float, *args: Any) -> float:
@@ -366,13 +457,10 @@ async def _sampling_probe(
     seeds: list[int],
     decode: Callable[[list[int]], str],
     verify: Callable[[str], Awaitable[float]],
-) -> tuple[float, int, int]:
-    outputs = await _gather_all_or_cancel(
-        [
-            generate(probe, {"temperature": cfg.temperature, "max_tokens": cfg.max_answer_tokens, "seed": s})
-            for s in seeds
-        ]
-    )
+) -> tuple[float, int, int, int]:
+    # The continuations are decoded here, from their ids: the server's text is never read.
+    params = {"temperature": cfg.temperature, "max_tokens": cfg.max_answer_tokens, "detokenize": False}
+    outputs = await _gather_all_or_cancel([generate(probe, {**params, "seed": s}) for s in seeds])
     tokens = 0
     for out in outputs:
         _check_not_aborted(out)
@@ -381,7 +469,7 @@ async def _sampling_probe(
     scores = await asyncio.gather(*(verify(text) for text in texts), return_exceptions=True)
     errors = sum(isinstance(s, BaseException) for s in scores)
     correct = sum(1 for s in scores if not isinstance(s, BaseException) and s >= _CORRECT_THRESHOLD)
-    return correct / len(seeds), tokens, errors
+    return correct / len(seeds), tokens, errors, 0
 
 
 async def compute_progress(
@@ -408,7 +496,8 @@ async def compute_progress(
         ground_truth: ``reward_model.ground_truth`` of the row (see :func:`ground_truth_text`).
         cfg: ``l2t.progress``.
         generate: ``await generate(prompt_ids, sampling_params)`` on the server that generated
-            the response (same replica, so its prefix cache holds the response).
+            the response (same replica: where the response's KV blocks are, if anything reads them;
+            likelihood probes on vLLM do so only with ``cfg.prefix_cache``).
         data_source / extra_info / verifier: for the ``sampling`` estimator; the verifier
             defaults to ``l2t_verl.scoring.compute_score``.
         verifier_timeout_s: per verifier call (sampling estimator); a timeout is a verifier error.
@@ -433,7 +522,7 @@ async def compute_progress(
     verifier_errors = 0
     if cfg.estimator == "likelihood":
         answer = answer_token_ids(tokenizer, target, cfg)
-        coros = [_likelihood_probe(generate, p, answer, score_max_tokens) for p in prompts]
+        coros = [_likelihood_probe(generate, p, answer, score_max_tokens, cfg.prefix_cache) for p in prompts]
     else:
         verify_fn = verifier or _default_verifier()
         base = random.getrandbits(30) if seed is None else int(seed)
@@ -452,9 +541,12 @@ async def compute_progress(
             for k, p in enumerate(prompts)
         ]
 
+    # A long response has many probes; one budget for any K would time out exactly those (then scored
+    # on the outcome alone), so the budget grows with the number of probes.
+    timeout_s = cfg.probe_timeout_s(len(prompts))
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        done, pending = await asyncio.wait(tasks, timeout=cfg.timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
     finally:
         # Also on our own cancellation: no probe may outlive the response it belongs to.
         for task in tasks:
@@ -468,21 +560,28 @@ async def compute_progress(
         error = (
             f"{type(failures[0]).__name__}: {failures[0]}"
             if failures
-            else f"TimeoutError: {len(pending)} of {len(tasks)} probes unfinished after {cfg.timeout_s}s"
+            else (
+                f"TimeoutError: {len(pending)} of {len(tasks)} probes unfinished after {timeout_s:g}s "
+                f"(l2t.progress.timeout_s={cfg.timeout_s:g} + "
+                f"timeout_per_probe_s={cfg.timeout_per_probe_s:g} x {len(prompts)} probes)"
+            )
         )
         return ProgressResult(failed=True, error=error, probe_time_s=elapsed)
 
     jr: list[float] = []
     probe_tokens = 0
+    cache_fallbacks = 0
     for task in tasks:
-        value, tokens, errors = task.result()
+        value, tokens, errors, fallbacks = task.result()
         jr.append(float(value))
         probe_tokens += int(tokens)
         verifier_errors += int(errors)
+        cache_fallbacks += int(fallbacks)
     return ProgressResult(
         jr=jr,
         delta_j=deltas(jr),
         probe_tokens=probe_tokens,
         probe_time_s=elapsed,
         verifier_errors=verifier_errors,
+        cache_fallbacks=cache_fallbacks,
     )

@@ -74,6 +74,8 @@ class SampleRecord:
     probe_failed / probe_error: a probe failed, or the record was unusable: outcome reward only.
     probe_tokens / probe_time_s: the probes' cost for this response.
     probe_verifier_errors: verifier errors inside sampling probes (each scored incorrect).
+    probe_cache_fallbacks: likelihood probes scored again without the prefix cache
+        (``l2t.progress.prefix_cache``).
     outcome / outcome_verifier_error: ``r_out`` from the ``l2t`` reward manager (None with another one).
     """
 
@@ -85,6 +87,7 @@ class SampleRecord:
     probe_tokens: int = 0
     probe_time_s: float = 0.0
     probe_verifier_errors: int = 0
+    probe_cache_fallbacks: int = 0
     outcome: float | None = None
     outcome_verifier_error: bool = False
 
@@ -103,6 +106,7 @@ class SampleRecord:
             f"{_PREFIX}probe_tokens": int(self.probe_tokens),
             f"{_PREFIX}probe_time_s": float(self.probe_time_s),
             f"{_PREFIX}probe_verifier_errors": int(self.probe_verifier_errors),
+            f"{_PREFIX}probe_cache_fallbacks": int(self.probe_cache_fallbacks),
         }
 
     @classmethod
@@ -125,6 +129,7 @@ class SampleRecord:
                 probe_tokens=int(extra.get(f"{_PREFIX}probe_tokens") or 0),
                 probe_time_s=float(extra.get(f"{_PREFIX}probe_time_s") or 0.0),
                 probe_verifier_errors=int(extra.get(f"{_PREFIX}probe_verifier_errors") or 0),
+                probe_cache_fallbacks=int(extra.get(f"{_PREFIX}probe_cache_fallbacks") or 0),
                 outcome=None if outcome is None else float(outcome),
                 outcome_verifier_error=bool(info.get(VERIFIER_ERROR_KEY) or False),
             )

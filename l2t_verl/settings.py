@@ -73,7 +73,7 @@ class PenaltyConfig:
     clip: float = 10.0  # p_hat <= clip * mean|delta_J| (batch_mean: <= clip)
     random_fraction: float = 0.3  # random_layers only
     seed: int = 0
-    method: str = "auto"  # auto | forward_ad | reverse | finite_difference (docs/method.md §3)
+    method: str = "auto"  # auto | forward_ad | reverse (docs/method.md §3)
     max_token_len: int | None = None  # tokens per penalty micro-batch; None = verl's per-GPU log-prob budget
     logit_chunk: int = 1024  # positions per chunk of the output layer's log-softmax
 
@@ -84,7 +84,7 @@ class PenaltyConfig:
         if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not self.clip > 0:
             raise L2TConfigError(f"l2t.penalty.clip must be a number > 0; got {self.clip!r}")
         _positive_int("l2t.penalty.rank", self.rank)
-        _one_of("l2t.penalty.method", self.method, ("auto", "forward_ad", "reverse", "finite_difference"))
+        _one_of("l2t.penalty.method", self.method, ("auto", "forward_ad", "reverse"))
         if self.max_token_len is not None:
             _positive_int("l2t.penalty.max_token_len", self.max_token_len)
         _positive_int("l2t.penalty.logit_chunk", self.logit_chunk)

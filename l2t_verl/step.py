@@ -166,6 +166,9 @@ def _metrics(
         "l2t/probe_tokens_per_response": _mean([r.probe_tokens for r in records]),
         "l2t/probe_time_s": float(sum(r.probe_time_s for r in records)),
         "l2t/probe_failures": float(sum(r.probe_failed for r in records)),
+        # The denominator of probe_failures, summed over a run by l2t_verl.summary.
+        "l2t/responses": float(len(records)),
+        "l2t/probe_cache_fallbacks": float(sum(r.probe_cache_fallbacks for r in records)),
         "l2t/verifier_errors": float(
             sum(r.probe_verifier_errors + int(r.outcome_verifier_error) for r in records)
         ),

@@ -1,7 +1,8 @@
 """Follow and summarise a training run from verl's file logger (``trainer.logger=[...,file]``).
 
 ``python -m l2t_verl.summary METRICS.jsonl [--follow --pid PID]`` prints one compact line per step as the
-trainer writes it, then a summary: steps, wall time, reward trend, where the checkpoint and logs went.
+trainer writes it, then a summary: steps, wall time, reward trend, where the checkpoint and logs went, and
+a warning when too many responses lost their process reward to failed J_r probes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ STEP_KEYS = (
     ("actor/grad_norm", "grad_norm"),
     ("timing_s/step", "sec"),
 )
+
+# Above this share of responses scored on the outcome alone because their probes failed (timeouts
+# included), the run is no longer the method it claims to be (docs/method.md §8).
+PROBE_FAILURE_WARN_FRACTION = 0.05
 
 
 def read_steps(path: str | Path) -> list[dict]:
@@ -72,6 +77,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def probe_failure_warning(steps: list[dict]) -> str | None:
+    """A warning line when more than 5% of the run's responses fell back to the outcome reward because
+    their J_r probes failed or timed out (``l2t/probe_failures`` over ``l2t/responses``); else ``None``."""
+    counted = [s for s in steps if s.get("l2t/responses") and s.get("l2t/probe_failures") is not None]
+    responses = sum(float(s["l2t/responses"]) for s in counted)
+    if not responses:
+        return None
+    failed = sum(float(s["l2t/probe_failures"]) for s in counted)
+    if failed / responses <= PROBE_FAILURE_WARN_FRACTION:
+        return None
+    return (
+        f"WARNING: {failed:.0f} of {responses:.0f} responses ({failed / responses:.1%}) got the outcome "
+        f"reward only: their J_r probes failed or timed out (l2t/probe_failures). The trainer log names "
+        f"each error ('l2t probes failed'); for timeouts raise l2t.progress.timeout_s / timeout_per_probe_s."
+    )
+
+
 def summarize(
     path: str | Path,
     wall_s: float | None = None,
@@ -93,6 +115,12 @@ def summarize(
         trend = " -> ".join(f"{r:.3f}" for r in rewards)
         lines.append(f"reward per step : {trend}")
         lines.append(f"reward trend    : first half {first:.3f}, last half {last:.3f} ({last - first:+.3f})")
+    fallbacks = sum(float(s.get("l2t/probe_cache_fallbacks") or 0.0) for s in steps)
+    if fallbacks:
+        lines.append(
+            f"probe fallbacks : {fallbacks:.0f} probes scored again without the prefix cache "
+            f"(l2t/probe_cache_fallbacks)"
+        )
     l2t = {k: v for k, v in steps[-1].items() if k.startswith("l2t/")}
     if l2t:
         lines.append("last step l2t/ metrics:")
@@ -104,6 +132,9 @@ def summarize(
         ckpts = sorted(Path(checkpoint_dir).glob("global_step_*"))
         where = ckpts[-1].resolve() if ckpts else f"none saved under {checkpoint_dir}"
         lines.append(f"checkpoint      : {where}")
+    warning = probe_failure_warning(steps)
+    if warning:
+        lines.append(warning)  # last, where it is seen
     return "\n".join(lines)
 
 

@@ -149,7 +149,13 @@ class L2TTrainer(PPOTrainerSync):
             "random_fraction": penalty.random_fraction,
             "seed": penalty.seed,
             "max_episodes": k_max,
-            "micro_batch_size": self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu,
+            "method": penalty.method,
+            "logit_chunk": penalty.logit_chunk,
+            # Padded tokens per penalty micro-batch: by default the budget verl gives its own per-GPU
+            # log-prob forward, so the penalty fits wherever compute_log_prob does.
+            "max_token_len": penalty.max_token_len
+            or self.config.actor_rollout_ref.rollout.get("log_prob_max_token_len_per_gpu")
+            or 16384,
         }
         # The worker reads exactly these fields of the batch (a view: the TQ data is not copied).
         view = KVBatchMeta(

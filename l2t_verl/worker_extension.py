@@ -4,11 +4,13 @@
 
 - ``compute_l2t_penalty`` (dispatched per data-parallel shard, like ``compute_log_prob``): each rank
   gathers only the proxy matrices P, builds the rank-r SVD proxy of their update ``dW_r``, and gets every
-  episode's ``<dW_r, g_k>`` from one forward-mode pass per micro-batch over its own samples
-  (:func:`l2t_verl.penalty.episode_penalties`, method ``forward_ad``), then
+  episode's ``<dW_r, g_k>`` from one pass per micro-batch over its own samples
+  (:func:`l2t_verl.penalty.episode_penalties`; micro-batches cut by a token budget and trimmed to their
+  own longest sequence, the output layer's log-softmax in chunks of positions), then
   ``p_k = <dW_r, g_k>^2 + damping * ||dW_r||^2``;
 - ``update_actor`` first copies P (only P) as the reference of the next step's update
-  (``reference: previous_step``).
+  (``reference: previous_step``). The reference lives in (pinned) CPU memory: it is only read once per
+  step, and on the device it would sit through rollout while the inference engine wakes up.
 
 The trainer (:mod:`l2t_verl.trainer`) swaps this class in for verl's; nothing in verl is patched. This
 module never imports the rollout side.
@@ -48,8 +50,14 @@ def _full(param: torch.Tensor) -> torch.Tensor:
     return value.detach().to(torch.float32).clone()
 
 
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    host = tensor.to("cpu")
+    return host.pin_memory() if torch.cuda.is_available() else host
+
+
 def padded_penalty_batch(data: TensorDict) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``input_ids, attention_mask, position_ids, episode_ids`` from verl's jagged batch.
+    """Right-padded ``input_ids, attention_mask, position_ids, episode_ids`` from verl's jagged batch, on
+    the CPU (``episode_penalties`` moves each trimmed micro-batch to the device).
 
     verl keeps each sample as one unpadded prompt+response sequence; the response is its tail, and
     ``l2t_episode_ids`` holds one entry per response token.
@@ -113,7 +121,7 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
         with self.actor.engine.eval_mode():
             current = self._l2t_snapshot()
             if self._l2t_reference is None and settings["reference"] == "initial":
-                self._l2t_reference = {k: v.clone() for k, v in current.items()}
+                self._l2t_reference = {k: _to_host(v) for k, v in current.items()}
             if self._l2t_reference is None:
                 # Step 1 under `previous_step`: no update yet, so every penalty is exactly 0.
                 return TensorDict({PENALTY_KEY: torch.zeros(batch, k_max)}, batch_size=[batch])
@@ -121,29 +129,21 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
                 current, self._l2t_reference, rank=int(settings["rank"]), seed=int(settings["seed"])
             )
             ids, mask, position_ids, episode_ids = padded_penalty_batch(data)
-            module = self.actor.engine.module
-            device = next(module.parameters()).device
-            micro = int(settings.get("micro_batch_size") or batch)
-            chunks = []
-            for start in range(0, batch, micro):
-                rows = slice(start, start + micro)
-                chunks.append(
-                    episode_penalties(
-                        module,
-                        update,
-                        ids[rows].to(device),
-                        mask[rows].to(device),
-                        episode_ids[rows].to(device),
-                        damping=float(settings["damping"]),
-                        method="forward_ad",
-                        position_ids=position_ids[rows].to(device),
-                        forward_kwargs={"use_cache": False},
-                        k_max=k_max,
-                    )
-                    .float()
-                    .cpu()
-                )
-        penalties = torch.cat(chunks)
+            penalties = episode_penalties(
+                self.actor.engine.module,
+                update,
+                ids,
+                mask,
+                episode_ids,
+                damping=float(settings["damping"]),
+                method=settings.get("method", "auto"),
+                position_ids=position_ids,
+                forward_kwargs={"use_cache": False},
+                k_max=k_max,
+                max_tokens=int(settings["max_token_len"]),
+                logit_chunk=int(settings.get("logit_chunk", 1024)),
+            ).float()
+            del current, update
         self._l2t_calls += 1
         keys = [f"{self._l2t_calls}:{self.rank}:{i}" for i in range(batch)]
         penalties = faults.poison(penalties, "penalty_nan", keys)
@@ -175,5 +175,5 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
             # W_ref of the next step's penalty = P as it is before this step's optimizer update
             # (in eval mode for the same reason as in compute_l2t_penalty).
             with self.actor.engine.eval_mode():
-                self._l2t_reference = self._l2t_snapshot()
+                self._l2t_reference = {k: _to_host(v) for k, v in self._l2t_snapshot().items()}
         return super().update_actor(data)

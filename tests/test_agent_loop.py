@@ -200,7 +200,10 @@ async def test_run_segments_probes_and_matches_brute_force(assets, config, token
     probes = client.requests[1:]
     assert len(probes) == len(ends) + 1
     assert all(rid == gen_id for rid, _, _ in probes)
-    assert all(p == {"prompt_logprobs": 0, "max_tokens": 0, "temperature": 0.0} for _, _, p in probes)
+    # detokenize off (only log-probs are read); the cache switch left unset, vLLM's default (no prefix_cache)
+    plain = {"prompt_logprobs": 0, "max_tokens": 0, "temperature": 0.0, "detokenize": False}
+    assert all(p == plain for _, _, p in probes)
+    assert extra["l2t_probe_cache_fallbacks"] == 0
     assert sorted(ids for _, ids, _ in probes) == sorted(p + force + answer for p in prefixes)
     per_probe = len(force) + len(answer) + 1
     assert extra["l2t_probe_tokens"] <= (len(ends) + 1) * per_probe
@@ -220,6 +223,42 @@ async def test_run_segments_probes_and_matches_brute_force(assets, config, token
     stored = list(td["extra_fields"])[0]
     assert stored["l2t_episode_ends"] == ends and stored["l2t_delta_j"] == extra["l2t_delta_j"]
     assert stored["reward_extra_info"]["l2t_outcome"] == 1.0
+
+
+async def test_prefix_cache_setting_reaches_the_probes_and_keeps_j_r(assets, config, tokenizer, model, rows):
+    """``l2t.progress.prefix_cache=true``: every probe the agent loop sends asks to read the cache, the
+    reply is parsed right-aligned, and J_r is the brute-force value with no fallback (each probe's
+    answer lies past the cached response prefix)."""
+    from omegaconf import OmegaConf
+
+    cached_config = OmegaConf.merge(config, {"l2t": {"progress": {"prefix_cache": True}}})
+    server = await launch_server(assets["model"])
+    client = ForcedResponseClient(server, tokenizer)
+    loop = make_agent_loop(cached_config, client, tokenizer)
+    assert loop.l2t.progress.prefix_cache
+
+    row = rows[0]
+    output = await loop.run({"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": True}, **row)
+    extra = output.extra_fields
+    assert not extra["l2t_probe_failed"], extra["l2t_probe_error"]
+    probes = client.requests[1:]
+    ends = extra["l2t_episode_ends"]
+    assert len(probes) == len(ends) + 1
+    expected = {
+        "prompt_logprobs": 0,
+        "max_tokens": 0,
+        "temperature": 0.0,
+        "detokenize": False,
+        "skip_reading_prefix_cache": False,
+    }
+    assert all(p == expected for _, _, p in probes)
+    assert extra["l2t_probe_cache_fallbacks"] == 0
+
+    force = force_token_ids(tokenizer, ProgressConfig(**cached_config.l2t.progress))
+    answer = tokenizer.encode(row["reward_model"]["ground_truth"] + "}", add_special_tokens=False)
+    prefixes = [output.prompt_ids + output.response_ids[:b] for b in [0, *ends]]
+    jr = brute_force_jr(model, prefixes, force, answer)
+    torch.testing.assert_close(torch.tensor(extra["l2t_jr"]), torch.tensor(jr), rtol=1e-4, atol=0)
 
 
 async def test_verl_worker_picks_l2t_by_default_and_carries_fields_to_reward_and_batch(

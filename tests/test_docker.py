@@ -76,6 +76,27 @@ def test_base_image_matches_the_pinned_verl() -> None:
     assert tag.startswith(f"vllm{major}{int(minor):02d}."), (tag, version)
 
 
+def test_gpu_extra_pins_verls_vllm_stack() -> None:
+    """`.[gpu]` is the stack verl 0.9.1 declares in its `vllm` extra (the image's), plus flash-attn."""
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    ours = {Requirement(r).name.lower(): str(Requirement(r).specifier) for r in extra}
+    verls = {}
+    for line in importlib.metadata.requires("verl") or []:
+        requirement = Requirement(line)
+        if (
+            requirement.marker
+            and requirement.marker.evaluate({"extra": "vllm"})
+            and requirement.name != "verl"
+        ):
+            verls[requirement.name.lower()] = str(requirement.specifier)
+    assert verls["torch"] == "==2.11.0" and verls["vllm"] == "==0.24.0", verls
+    assert {k: ours.get(k) for k in verls} == verls
+    assert ours["flash-attn"] == "==2.8.3"  # what the base image carries (Dockerfile header)
+    assert "flash-attn 2.8.3" in DOCKERFILE.read_text()
+
+
 def _commands(run_args: str) -> list[list[str]]:
     """Shell commands of a RUN, split at ``;``, ``&&``, ``||`` and ``|`` outside quotes."""
     lexer = shlex.shlex(run_args, posix=True, punctuation_chars=";&|>")
@@ -147,10 +168,36 @@ def test_copied_files_exist_and_are_not_ignored() -> None:
             assert (REPO / relative).exists(), f"COPY source {source} is not in the repository"
             assert not _ignored(relative, patterns), f"COPY source {source} is excluded by .dockerignore"
             copied.append(relative)
-    # What `pip install .` needs: the project file, the readme it names, and the package.
+    # What `pip install .` needs: the project file, the readme it names, and the package; and the
+    # recipes, which are how a run is launched.
     readme = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["readme"]
-    for needed in ("pyproject.toml", readme, "l2t_verl"):
+    for needed in ("pyproject.toml", readme, "l2t_verl", "recipes"):
         assert needed in copied, f"{needed} is not copied into the image"
+
+
+def _image_path(relative: str) -> str:
+    """Where a COPY of ``relative`` (a folder, copied to the same name) lands in the image."""
+    workdir = "/"
+    for keyword, args in instructions():
+        if keyword == "WORKDIR":
+            workdir = args if args.startswith("/") else f"{workdir.rstrip('/')}/{args}"
+        if keyword == "COPY":
+            words = [w for w in shlex.split(args) if not w.startswith("--")]
+            if relative in {w.rstrip("/") for w in words[:-1]}:
+                destination = words[-1].rstrip("/")
+                base = destination if destination.startswith("/") else f"{workdir.rstrip('/')}/{destination}"
+                return base
+    raise AssertionError(f"{relative} is not copied")
+
+
+def test_recipes_are_in_the_image() -> None:
+    recipes = _image_path("recipes")
+    assert recipes == "/opt/l2t-verl/recipes", recipes
+    scripts = sorted((REPO / "recipes").glob("*/run_*.sh"))
+    assert scripts and (REPO / "recipes" / "common.sh").is_file()
+    patterns = _ignore_patterns()
+    for script in [*scripts, REPO / "recipes" / "common.sh"]:
+        assert not _ignored(str(script.relative_to(REPO)), patterns), script
 
 
 @pytest.mark.parametrize("path", [".venv", ".git", "assets", "outputs", "tests", "l2t_verl/__pycache__"])
@@ -171,3 +218,99 @@ def test_readme_shows_build_push_and_cluster_runs() -> None:
     ):
         assert needed in text, needed
     assert re.search(r"--entrypoint ray \S+ start --head", text)
+
+
+def _joined_lines(lines: list[str]) -> list[str]:
+    """Shell lines with ``\\`` continuations joined."""
+    out, pending = [], ""
+    for line in lines:
+        stripped = line.strip()
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        out.append((pending + stripped).strip())
+        pending = ""
+    return out
+
+
+def _header_commands() -> list[str]:
+    """Shell commands shown in the Dockerfile's leading comment."""
+    header = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#"))
+    return [c for c in _joined_lines(header) if c.startswith(("docker ", "DRY_RUN"))]
+
+
+def _readme_commands(path: Path) -> list[str]:
+    """Shell commands in the bash blocks of a markdown file."""
+    commands, block = [], None
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            if block is not None:
+                commands += [c for c in _joined_lines(block) if c and not c.startswith("#")]
+                block = None
+            elif line.strip() == "```bash":
+                block = []
+            continue
+        if block is not None:
+            block.append(line)
+    return commands
+
+
+def _training_runs(commands: list[str]) -> list[str]:
+    """The commands that start training: a container with GPUs that is not a Ray daemon, or a command
+    executed in the Ray head's container."""
+    runs = []
+    for command in commands:
+        words = shlex.split(command, comments=True)
+        if words[:2] == ["docker", "run"] and "--gpus" in words and "ray" not in words:
+            runs.append(command)
+        elif words[:2] == ["docker", "exec"] and "status" not in words:
+            runs.append(command)
+    return runs
+
+
+def _recipe_of(command: str) -> Path:
+    words = shlex.split(command, comments=True)
+    scripts = [w for w in words if w.startswith("/opt/l2t-verl/recipes/")]
+    assert len(scripts) == 1, f"not a recipe run: {command}"
+    assert "l2t_verl.main" not in words, command
+    if words[1] == "run":
+        assert words[words.index("--entrypoint") + 1] == "bash", command
+    return REPO / scripts[0].removeprefix("/opt/l2t-verl/")
+
+
+def test_documented_runs_are_recipes() -> None:
+    """A bare `l2t_verl.main` run gets verl's defaults (512-token prompts and responses, fixed
+    micro-batches); the documented commands run a recipe, which sets the paper's settings."""
+    header = _training_runs(_header_commands())
+    readme = _training_runs(_readme_commands(DOCKER_README))
+    assert header, "the Dockerfile header shows no docker run"
+    assert len(readme) >= 2, "docker/README.md should show a one-node and a Ray-cluster run"
+    for command in header + readme:
+        script = _recipe_of(command)
+        assert re.fullmatch(r"run_\w+\.sh", script.name) and script.is_file(), script
+
+
+LENGTH_AND_MICRO_BATCH_KEYS = (
+    "data.max_prompt_length",
+    "data.max_response_length",
+    "actor_rollout_ref.actor.use_dynamic_bsz",
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu",
+    "l2t.penalty.max_token_len",
+)
+
+
+@pytest.mark.parametrize("path", [DOCKER_README, REPO / "README.md"], ids=["docker/README.md", "README.md"])
+def test_cluster_commands_set_lengths_and_micro_batches(path: Path) -> None:
+    commands = _readme_commands(path)
+    hand_written = [c for c in commands if c.startswith("python -m l2t_verl.main") and "trainer.nnodes" in c]
+    runs = _training_runs(commands) + hand_written
+    assert runs, f"no cluster command in {path.name}"
+    for command in runs:
+        keys = {w.split("=", 1)[0] for w in shlex.split(command, comments=True) if "=" in w}
+        missing = [k for k in LENGTH_AND_MICRO_BATCH_KEYS if k not in keys]
+        assert not missing, f"{path.name}: {command[:80]}... does not set {missing}"

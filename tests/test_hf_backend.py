@@ -125,6 +125,14 @@ def test_prompt_scoring_equals_forward_and_reuses_prefix(model):
     logps, reused = _engine(model, prefix_cache_entries=0).score(seq)
     assert reused == 0
     torch.testing.assert_close(torch.tensor(logps), _forward_logps(model, seq), atol=1e-5, rtol=0)
+    # vLLM's per-request switch: the same log-probs, computed without the cache
+    ids = seq[: len(prompt) + 5] + probe_suffix
+    before = engine.stats["score_tokens"]
+    logps, reused = engine.score(ids, read_cache=False)
+    assert reused == 0 and engine.stats["score_tokens"] - before == len(ids)
+    torch.testing.assert_close(torch.tensor(logps), _forward_logps(model, ids), atol=1e-5, rtol=0)
+    assert _spec(skip_reading_prefix_cache=True, detokenize=False).skip_reading_prefix_cache is True
+    assert _spec(prompt_logprobs=0).skip_reading_prefix_cache is None
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 import socket
+import types
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from l2t_verl.episodes import episode_ids_for
 from l2t_verl.penalty import LowRankUpdate, episode_penalties, last_layer_mlp_regex, select_proxy_params
@@ -42,9 +45,20 @@ def _model() -> Qwen2ForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=False,
-        attn_implementation="eager",
+        attn_implementation="sdpa",
     )
-    return Qwen2ForCausalLM(config).double().eval()
+    model = Qwen2ForCausalLM(config).double().eval()
+    # HF's RMSNorm (and eager attention's softmax) round through fp32 whatever the model dtype;
+    # micro-batches of other shapes then differ at fp32 level. Same-dtype norms and sdpa keep the
+    # comparison at fp64 level.
+    for module in model.modules():
+        if isinstance(module, Qwen2RMSNorm):
+            module.forward = types.MethodType(_exact_dtype_rms_norm, module)
+    return model
+
+
+def _exact_dtype_rms_norm(self: Qwen2RMSNorm, hidden: torch.Tensor) -> torch.Tensor:
+    return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
 def _reference(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -71,7 +85,9 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, episodes
 
 
-def _penalties(model: torch.nn.Module, current: dict, reference: dict, rows: slice) -> torch.Tensor:
+def _penalties(
+    model: torch.nn.Module, current: dict, reference: dict, rows: slice, method: str = "forward_ad"
+) -> torch.Tensor:
     update = LowRankUpdate.from_tensors(current, reference, rank=RANK, seed=0)
     ids, mask, episodes = _batch()
     return episode_penalties(
@@ -81,12 +97,13 @@ def _penalties(model: torch.nn.Module, current: dict, reference: dict, rows: sli
         mask[rows],
         episodes[rows],
         damping=DAMPING,
-        method="forward_ad",
+        method=method,
         k_max=K_MAX,
+        max_tokens=40,  # several micro-batches per rank, each trimmed to its own longest row
     )
 
 
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, out: str, method: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -94,13 +111,27 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     try:
         model = _model()
         reference = _reference(model)
+        # verl's apply_fsdp2 layout for an untied model: every decoder layer, the embeddings and the
+        # output layer get their own FSDP unit, so the output layer's weight is only whole inside its
+        # own forward (where the penalty reads it).
         for layer in model.model.layers:
             fully_shard(layer)
+        fully_shard(model.model.embed_tokens)
+        fully_shard(model.lm_head)
         fully_shard(model)
         proxy = select_proxy_params(model, last_layer_mlp_regex(model))
         current = {name: _full(p).double() for name, p in sorted(proxy.items())}
         per_rank = BATCH // world
-        penalties = _penalties(model, current, reference, slice(rank * per_rank, (rank + 1) * per_rank))
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        penalties = _penalties(model, current, reference, rows, method)
+        # The model is still usable for training afterwards: no gradient was left on any parameter,
+        # and a normal forward + backward runs (the reverse method's partial backward went through
+        # FSDP's backward hooks).
+        assert all(p.grad is None for p in model.parameters())
+        ids, mask, _ = _batch()
+        model.train()
+        model(input_ids=ids[rows], attention_mask=mask[rows]).logits.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
         local_rows = {name: p.to_local().shape[0] for name, p in proxy.items()}
         torch.save({"penalties": penalties, "local_rows": local_rows}, Path(out) / f"rank{rank}.pt")
     finally:
@@ -132,17 +163,18 @@ def _advantages(raw: torch.Tensor) -> torch.Tensor:
     return result.advantages
 
 
-def test_two_fsdp_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("method", ["forward_ad", "reverse"])
+def test_two_fsdp_ranks_match_one_process(tmp_path, method):
     model = _model()
     reference = _reference(model)
     current = {
         n: p.detach().clone() for n, p in select_proxy_params(model, last_layer_mlp_regex(model)).items()
     }
-    single = _penalties(model, current, reference, slice(None))
+    single = _penalties(model, current, reference, slice(None), method)
     assert (single[:, 0] > 0).all() and single[:, 0].std() > 0  # a real, sample-dependent signal
 
     mp.start_processes(
-        _rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        _rank_main, args=(2, _free_port(), str(tmp_path), method), nprocs=2, join=True, start_method="spawn"
     )
     outputs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # The sharding is real: each rank holds half of every proxy matrix, which is why the worker

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from l2t_verl.directional import chunked_token_logprobs
 from l2t_verl.penalty import (
     LowRankUpdate,
     decoder_layer_indices,
@@ -19,6 +20,7 @@ from l2t_verl.penalty import (
     last_layer_mlp_regex,
     random_layer_regex,
     select_proxy_params,
+    token_budget_groups,
 )
 
 # torch's first forward-AD call jit-scripts its jvp decompositions, which warns on torch >= 2.10.
@@ -550,3 +552,134 @@ def test_bad_batch_and_options() -> None:
     )
     with pytest.raises(ValueError, match=r"not\.a\.param"):
         episode_penalties(model, stranger, ids, mask, episodes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reverse mode, chunked output layer, token-budget micro-batches
+
+
+@pytest.mark.parametrize(
+    "regex", [LAST_MLP, r"layers\.1\.mlp\.down_proj", r"layers\.1\.self_attn\.o_proj", r"layers\.1\."]
+)
+def test_reverse_matches_exact_float64(regex: str) -> None:
+    model = tiny_model(torch.float64)
+    if regex == r"layers\.1\.":
+        regex = r"layers\.1\.(mlp\.|self_attn\.o_proj)"  # o_proj runs after layer 1's attention mixing
+    update = LowRankUpdate.from_weights(model, perturbed_reference(model, regex), modules=regex, rank=2)
+    ids, mask, episodes = make_batch()
+    exact = episode_penalties_exact(model, update, ids, mask, episodes, damping=1e-3, max_proxy_numel=4096)
+    fast = episode_penalties(model, update, ids, mask, episodes, damping=1e-3, method="reverse")
+    assert rel_err(fast, exact) <= 1e-9
+    assert not any(p.grad is not None for p in model.parameters())
+    assert torch.is_grad_enabled()  # pytest runs with grad on: the reverse pass must put it back
+
+
+@pytest.mark.parametrize(
+    "regex",
+    [EARLY, r"layers\.0\.mlp\.", r"layers\.1\.self_attn\.q_proj", r"layers\.1\.self_attn\.v_proj"],
+)
+def test_reverse_refuses_a_proxy_followed_by_attention(regex: str) -> None:
+    model = tiny_model(torch.float64)
+    update = LowRankUpdate.from_weights(model, perturbed_reference(model, regex), modules=regex, rank=2)
+    ids, mask, episodes = make_batch()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"method='reverse'.*attention module .*mixes positions"):
+        episode_penalties(model, update, ids, mask, episodes, method="reverse")
+    assert_unchanged(model, before)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert torch.is_grad_enabled()
+    # forward_ad is the method for such proxies, and it is exact there.
+    exact = episode_penalties_exact(model, update, ids, mask, episodes, max_proxy_numel=4096)
+    fast = episode_penalties(model, update, ids, mask, episodes, method="forward_ad")
+    assert rel_err(fast, exact) <= 1e-9
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 10_000])
+def test_chunked_logprobs_equal_unchunked(chunk: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    bias = torch.randn(50, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 50, (23,), generator=gen)
+    direct = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(chunked_token_logprobs(hidden, weight, bias, targets, chunk), direct, atol=1e-12)
+    # Tangents flow through the chunks too: d/de along a direction of the hidden states.
+    tangent = torch.randn(23, 16, generator=gen, dtype=torch.float64)
+
+    def unchunked(h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(h @ weight.T + bias, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+    _, want = torch.func.jvp(unchunked, (hidden,), (tangent,))
+    _, got = torch.func.jvp(
+        lambda h: chunked_token_logprobs(h, weight, bias, targets, chunk), (hidden,), (tangent,)
+    )
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["forward_ad", "reverse", "jvp"])
+def test_logit_chunk_and_no_full_logits(method: str) -> None:
+    model = tiny_model(torch.float64)
+    update = LowRankUpdate.from_weights(model, perturbed_reference(model, LAST_MLP), modules=LAST_MLP, rank=2)
+    ids, mask, episodes = make_batch()
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    try:
+        whole = episode_penalties(model, update, ids, mask, episodes, method=method, logit_chunk=10_000)
+        chunked = episode_penalties(model, update, ids, mask, episodes, method=method, logit_chunk=2)
+    finally:
+        handle.remove()
+    assert torch.allclose(whole, chunked, rtol=1e-10, atol=0)
+    assert shapes and all(s[1] == 1 for s in shapes)  # the output layer made logits for one position only
+
+
+def test_token_budget_groups() -> None:
+    lengths = [5, 40, 12, 40, 3, 100, 7]
+    groups = token_budget_groups(lengths, max_tokens=80)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        padded = len(group) * max(lengths[i] for i in group)
+        assert padded <= 80 or len(group) == 1
+    assert [5] in groups  # longer than the budget: alone
+    assert token_budget_groups(lengths, max_tokens=10_000) == [[5, 1, 3, 2, 6, 0, 4]]
+    with pytest.raises(ValueError, match="max_tokens"):
+        token_budget_groups(lengths, max_tokens=0)
+
+
+@pytest.mark.parametrize("method", ["forward_ad", "reverse"])
+def test_token_budget_micro_batches_are_trimmed_and_equal(method: str) -> None:
+    model = tiny_model(torch.float64)
+    update = LowRankUpdate.from_weights(model, perturbed_reference(model, LAST_MLP), modules=LAST_MLP, rank=2)
+    gen = torch.Generator().manual_seed(4)
+    lengths = [30, 9, 14, 6, 22]
+    ids = torch.randint(0, VOCAB, (len(lengths), 32), generator=gen)
+    mask = torch.zeros_like(ids)
+    episodes = torch.full_like(ids, -1)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        episodes[row, 2:n] = torch.arange(n - 2) * 3 // (n - 2)
+    whole = episode_penalties(model, update, ids, mask, episodes, method=method)
+    widths = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        split = episode_penalties(model, update, ids, mask, episodes, method=method, max_tokens=40)
+    finally:
+        handle.remove()
+    assert torch.allclose(split, whole, rtol=1e-10, atol=0)
+    # budget 40, longest first: [30] [22] [14, 9] [6], each padded to its own longest only
+    assert sorted(widths) == sorted([(1, 30), (1, 22), (2, 14), (1, 6)])
+
+
+def test_forward_ad_runs_flash_configured_models_through_sdpa() -> None:
+    """A model configured for flash_attention_2 (no forward-mode rule; not installed on CPU) still gets
+    exact forward_ad penalties for a proxy before attention (random_layers), and keeps its config."""
+    model = tiny_model(torch.float64)
+    model.config._attn_implementation = "flash_attention_2"
+    update = LowRankUpdate.from_weights(model, perturbed_reference(model, EARLY), modules=EARLY, rank=2)
+    ids, mask, episodes = make_batch()
+    fast = episode_penalties(model, update, ids, mask, episodes, method="forward_ad")
+    assert model.config._attn_implementation == "flash_attention_2"
+    model.config._attn_implementation = "sdpa"
+    exact = episode_penalties_exact(model, update, ids, mask, episodes, max_proxy_numel=4096)
+    assert rel_err(fast, exact) <= 1e-9

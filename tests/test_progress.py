@@ -1,5 +1,6 @@
 """J_r probes (docs/method.md §2): likelihood against a brute-force forward pass through the real hf server,
-sampling against stubs, concurrency, failures, K = 0 and prefix-cache reuse."""
+sampling against stubs, concurrency, failures, K = 0, prefix-cache reuse, the opt-in prefix-cached
+scoring for vLLM (right-aligned replies, fallbacks) and the probe timeout that grows with K."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from l2t_verl.progress import (
     force_token_ids,
     forced_probe_prompts,
     ground_truth_text,
+    likelihood_from_answer_logprobs,
     likelihood_from_prompt_logprobs,
+    likelihood_params,
     probe_prompts,
 )
 from l2t_verl.scoring import extract_boxed
@@ -278,6 +281,7 @@ async def test_sampling_estimator_counts_correct_forced_answers(tokenizer):
     assert len(calls) == 4 * 4
     assert len({c[1]["seed"] for c in calls}) == 16
     assert all(c[1]["temperature"] == 0.7 and c[1]["max_tokens"] == 5 for c in calls)
+    assert all(c[1]["detokenize"] is False for c in calls)  # continuations are decoded from their ids
     continuation = len(tokenizer.encode("42}", add_special_tokens=False))
     assert result.probe_tokens >= 16 * 3  # 3 uncached prompt tokens per request, plus its continuation
     assert result.probe_tokens <= 16 * (3 + max(continuation, 2))
@@ -401,7 +405,7 @@ async def test_a_probe_past_the_timeout_fails_the_response(tokenizer):
     force_len = len(force_token_ids(tokenizer, LIKELIHOOD))
     answer_len = len(tokenizer.encode("42}", add_special_tokens=False))
     generate, _ = likelihood_stub(hang_at_len=3 + force_len + answer_len)
-    cfg = replace(LIKELIHOOD, timeout_s=0.2)
+    cfg = replace(LIKELIHOOD, timeout_s=0.2, timeout_per_probe_s=0.0)
     result = await compute_progress([1, 2, 3], [10, 11, 12], [1, 3], "42", cfg, tokenizer, generate)
     assert result.failed and result.jr == [] and "TimeoutError" in result.error
     assert result.probe_time_s < 5
@@ -446,3 +450,196 @@ async def test_async_verifier_is_awaited(tokenizer):
         [1, 2], [5, 6, 7], [3], "42", cfg, tokenizer, generate, verifier=verifier, seed=0
     )
     assert result.jr == [0.5, 1.0] and result.verifier_errors == 0
+
+
+# ------------------------------------------------------------------------------------------ prefix cache
+
+# 5 probe tokens + 2 answer tokens: entry i is log p(token i+1), the last entry a dummy. The answer is
+# tokens 5 and 6, so J_r = exp(-0.75); -9 marks the entries that must not be read.
+FULL_REPLY = [[-9.0], [-9.0], [-9.0], [-9.0], [-0.5], [-0.25], [0.0]]
+ANSWER_ONLY = FULL_REPLY[-3:]  # 4 tokens cached: logits at positions 4..6 -> tokens 5, 6 and the dummy
+
+
+def test_answer_logprobs_of_a_full_reply_equal_full_scoring():
+    full = likelihood_from_prompt_logprobs(FULL_REPLY, total_len=7, answer_len=2)
+    assert full == pytest.approx(math.exp(-0.75))
+    assert likelihood_from_answer_logprobs(FULL_REPLY, 7, 2, num_cached_tokens=0) == pytest.approx(full)
+
+
+def test_answer_logprobs_of_a_prefix_cached_reply_are_read_right_aligned():
+    assert likelihood_from_answer_logprobs(ANSWER_ONLY, 7, 2, num_cached_tokens=4) == pytest.approx(
+        math.exp(-0.75)
+    )
+    assert likelihood_from_answer_logprobs([[-9.0], *ANSWER_ONLY], 7, 2, 3) == pytest.approx(math.exp(-0.75))
+    # Full length with the cached positions empty, or left as whatever the buffer held: a positive
+    # "log-prob" there would raise if it were read.
+    assert likelihood_from_answer_logprobs([None] * 4 + ANSWER_ONLY, 7, 2, 4) == pytest.approx(
+        math.exp(-0.75)
+    )
+    assert likelihood_from_answer_logprobs([[123.0]] * 4 + ANSWER_ONLY, 7, 2, 4) == pytest.approx(
+        math.exp(-0.75)
+    )
+
+
+@pytest.mark.parametrize(
+    ("reply", "cached"),
+    [
+        (FULL_REPLY[-2:], 5),  # the first answer token was cached: its log-prob was never computed
+        (FULL_REPLY, 5),  # same, full length: entry 4 holds no computed value
+        ([[None], [-0.25], [0.0]], 4),  # an answer entry is None
+        ([None, [-0.25], [0.0]], 4),
+        ([[], [-0.25], [0.0]], 4),
+        (FULL_REPLY, None),  # the cache hit is not reported: the entries cannot be placed
+        (ANSWER_ONLY, 0),  # a length that fits neither a full nor a cached reply
+        (ANSWER_ONLY, 3),
+        (None, 0),
+    ],
+)
+def test_answer_logprobs_missing_for_the_answer_mean_fallback(reply, cached):
+    assert likelihood_from_answer_logprobs(reply, 7, 2, num_cached_tokens=cached) is None
+
+
+def test_answer_logprobs_reject_malformed_replies():
+    with pytest.raises(ProbeError, match="8 entries"):
+        likelihood_from_answer_logprobs([[-0.1]] * 8, 7, 2, 0)
+    with pytest.raises(ProbeError, match="invalid log-prob"):
+        likelihood_from_answer_logprobs([[-0.1]] * 5 + [[float("nan")], [0.0]], 7, 2, 0)
+
+
+def position_logprob(p: int) -> float:
+    """The stub's log p(token p): different at every position, so a misplaced entry changes J_r."""
+    return -0.01 * p
+
+
+def vllm_like_stub(cache_hit):
+    """Replies like verl's vLLM server with prefix caching: a request that reads the cache gets
+    ``cache_hit(ids)`` tokens from it and prompt log-probs for the computed positions only."""
+    calls = []
+
+    async def generate(ids, params):
+        calls.append((list(ids), dict(params)))
+        cached = cache_hit(ids) if params.get("skip_reading_prefix_cache") is False else 0
+        entries = [[position_logprob(p)] for p in range(cached + 1, len(ids))] + [[0.0]]
+        return token_output([0], prompt_logprobs=entries, num_cached_tokens=cached)
+
+    return generate, calls
+
+
+def expected_jr(total_len: int, answer_len: int) -> float:
+    return math.exp(sum(position_logprob(p) for p in range(total_len - answer_len, total_len)))
+
+
+async def test_prefix_cached_probes_read_the_cache_and_fall_back_per_probe(tokenizer):
+    cfg = replace(LIKELIHOOD, prefix_cache=True)
+    force_len = len(force_token_ids(tokenizer, cfg))
+    answer_len = len(tokenizer.encode("42}", add_special_tokens=False))
+    prompt, response, ends = [1, 2, 3], list(range(10, 17)), [2, 4, 7]
+    k0_len = len(prompt) + force_len + answer_len
+
+    def cache_hit(ids):
+        if len(ids) == k0_len:
+            return len(ids) - 1  # the whole probe was cached (e.g. a sibling sample sent it first)
+        return len(ids) - force_len - answer_len  # the prompt and the response prefix
+
+    generate, calls = vllm_like_stub(cache_hit)
+    result = await compute_progress(prompt, response, ends, "42", cfg, tokenizer, generate)
+    assert not result.failed, result.error
+    lengths = [len(prompt) + b + force_len + answer_len for b in [0, *ends]]
+    assert result.jr == pytest.approx([expected_jr(n, answer_len) for n in lengths])
+    assert result.cache_fallbacks == 1
+
+    cached_calls = [p for _, p in calls if p["skip_reading_prefix_cache"] is False]
+    fallback_calls = [(ids, p) for ids, p in calls if p["skip_reading_prefix_cache"] is True]
+    assert len(calls) == len(ends) + 2 and len(cached_calls) == len(ends) + 1
+    assert [len(ids) for ids, _ in fallback_calls] == [k0_len]
+    assert all(p == likelihood_params(1, read_prefix_cache=True) for p in cached_calls)
+    assert all(p["detokenize"] is False and p["prompt_logprobs"] == 0 for _, p in calls)
+    # computed tokens: force + answer per cached probe, 1 for the fully cached one, all of the fallback,
+    # plus the one generated token of every request
+    expected_tokens = (force_len + answer_len) * len(ends) + 1 + k0_len + len(calls)
+    assert result.probe_tokens == expected_tokens
+
+
+async def test_default_probes_leave_the_cache_switch_unset_and_skip_detokenizing(tokenizer):
+    generate, calls = vllm_like_stub(lambda ids: len(ids) - 1)
+    result = await compute_progress(
+        [1, 2, 3], list(range(10, 17)), [3, 7], "42", LIKELIHOOD, tokenizer, generate
+    )
+    assert not result.failed, result.error
+    assert result.cache_fallbacks == 0 and len(calls) == 3
+    # vLLM defaults to skipping its cache for prompt log-probs; releases without the field must accept it
+    sent = [p for _, p in calls]
+    assert sent == [{"prompt_logprobs": 0, "max_tokens": 1, "temperature": 0.0, "detokenize": False}] * 3
+    answer_len = len(tokenizer.encode("42}", add_special_tokens=False))
+    assert result.jr == pytest.approx([expected_jr(len(ids), answer_len) for ids, _ in calls])
+
+
+async def test_prefix_cached_scoring_on_the_hf_server_equals_brute_force_and_falls_back(
+    model_dir, model, tokenizer
+):
+    server = await launch_hf_server(model_dir)
+    prompt = chat_prompt(tokenizer)
+    generated = await server.generate(
+        prompt, {"temperature": 1.0, "max_tokens": 24, "seed": 7, "ignore_eos": True}, "gen"
+    )
+    response, ends = generated.token_ids, [5, 12, 24]
+    sent = []
+
+    async def generate(ids, params):
+        sent.append(dict(params))
+        return await server.generate(ids, params, "probe")
+
+    cfg = replace(LIKELIHOOD, prefix_cache=True)
+    force = force_token_ids(tokenizer, cfg)
+    answer = tokenizer.encode("11}", add_special_tokens=False)
+    expected = brute_force_jr(model, prompt, response, ends, force, answer)
+
+    first = await compute_progress(prompt, response, ends, "11", cfg, tokenizer, generate, score_max_tokens=0)
+    assert not first.failed, first.error
+    torch.testing.assert_close(torch.tensor(first.jr), torch.tensor(expected), rtol=1e-4, atol=0)
+    assert first.cache_fallbacks == 0
+    assert sent == [likelihood_params(0, read_prefix_cache=True)] * (len(ends) + 1)
+
+    # Now the server holds every probe whole, so a cached reply would start inside the answer: each probe
+    # is scored again without the cache, to the same values.
+    assert len(answer) >= 2
+    sent.clear()
+    again = await compute_progress(prompt, response, ends, "11", cfg, tokenizer, generate, score_max_tokens=0)
+    assert not again.failed, again.error
+    assert again.cache_fallbacks == len(ends) + 1
+    assert [p["skip_reading_prefix_cache"] for p in sent].count(True) == len(ends) + 1
+    torch.testing.assert_close(torch.tensor(again.jr), torch.tensor(expected), rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ timeout
+
+
+async def test_the_probe_timeout_grows_with_the_number_of_probes(tokenizer):
+    cfg = replace(LIKELIHOOD, timeout_s=0.05, timeout_per_probe_s=0.15)
+
+    async def slow(ids, params):
+        await asyncio.sleep(0.6)
+        return token_output(prompt_logprobs=fake_prompt_logprobs(len(ids)))
+
+    prompt, response = [1, 2, 3], list(range(10, 26))
+    many_ends = [2, 4, 6, 8, 10, 12, 14, 16]
+    few = await compute_progress(prompt, response, [16], "42", cfg, tokenizer, slow)  # 2 probes: 0.35 s
+    assert few.failed and "TimeoutError" in few.error and "2 probes" in few.error
+    many = await compute_progress(prompt, response, many_ends, "42", cfg, tokenizer, slow)  # 9: 1.4 s
+    assert not many.failed, many.error
+    assert len(many.jr) == 9
+    flat = replace(cfg, timeout_per_probe_s=0.0)  # the same response under a budget that ignores K
+    assert (await compute_progress(prompt, response, many_ends, "42", flat, tokenizer, slow)).failed
+
+
+async def test_a_hung_probe_still_times_out_under_the_scaled_budget(tokenizer):
+    cfg = replace(LIKELIHOOD, timeout_s=0.1, timeout_per_probe_s=0.05)
+    force_len = len(force_token_ids(tokenizer, cfg))
+    answer_len = len(tokenizer.encode("42}", add_special_tokens=False))
+    ends = [2, 4, 6, 8, 10, 12, 14, 16]
+    generate, _ = likelihood_stub(hang_at_len=3 + 6 + force_len + answer_len)
+    result = await compute_progress([1, 2, 3], list(range(10, 26)), ends, "42", cfg, tokenizer, generate)
+    assert result.failed and result.jr == []
+    assert "TimeoutError: 1 of 9 probes unfinished after 0.55s" in result.error
+    assert "timeout_per_probe_s=0.05 x 9 probes" in result.error
+    assert 0.5 <= result.probe_time_s < 5

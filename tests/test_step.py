@@ -23,7 +23,14 @@ OUTCOMES = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
 
 def records() -> list[SampleRecord]:
     return [
-        SampleRecord((2, 5, 7), (0.1, 0.3, 0.2, 0.9), (0.2, -0.1, 0.7), probe_tokens=12, probe_time_s=0.5),
+        SampleRecord(
+            (2, 5, 7),
+            (0.1, 0.3, 0.2, 0.9),
+            (0.2, -0.1, 0.7),
+            probe_tokens=12,
+            probe_time_s=0.5,
+            probe_cache_fallbacks=2,
+        ),
         SampleRecord((3, 6), (0.1, 0.2, 0.15), (0.1, -0.05)),
         # probes failed: the episodes exist, but get no process reward and no penalty
         SampleRecord((4,), probe_failed=True, probe_error="TimeoutError: ..."),
@@ -97,6 +104,8 @@ def test_step_rewards_advantages_and_metrics():
     assert m["l2t/jr_last_wrong"] == pytest.approx((0.15 + 0.3) / 2)  # responses 1 and 3
     assert m["l2t/jr_first"] == pytest.approx((0.1 + 0.1 + 0.0 + 0.2) / 4)
     assert m["l2t/probe_failures"] == 1 and m["l2t/verifier_errors"] == 2
+    assert m["l2t/responses"] == 6  # the denominator of probe_failures in l2t_verl.summary
+    assert m["l2t/probe_cache_fallbacks"] == 2
     assert m["l2t/outcome_acc"] == pytest.approx(0.5)
     valid = response_mask().bool()
     assert m["l2t/adv_outcome_std"] > 0 and m["l2t/adv_process_std"] > 0
@@ -141,13 +150,21 @@ def test_ablations():
 
 
 def test_record_round_trip_and_outcome():
-    record = SampleRecord((2, 5), (0.1, 0.3, 0.2), (0.2, -0.1), probe_tokens=7, probe_time_s=0.25)
+    record = SampleRecord(
+        (2, 5), (0.1, 0.3, 0.2), (0.2, -0.1), probe_tokens=7, probe_time_s=0.25, probe_cache_fallbacks=1
+    )
     extra = record.to_extra_fields()
     assert all(key.startswith("l2t_") for key in extra)
     extra["reward_extra_info"] = outcome_extra_info(1.0, verifier_error=False)
     back = SampleRecord.from_extra_fields(extra)
     assert back == SampleRecord(
-        (2, 5), (0.1, 0.3, 0.2), (0.2, -0.1), probe_tokens=7, probe_time_s=0.25, outcome=1.0
+        (2, 5),
+        (0.1, 0.3, 0.2),
+        (0.2, -0.1),
+        probe_tokens=7,
+        probe_time_s=0.25,
+        probe_cache_fallbacks=1,
+        outcome=1.0,
     )
     # numpy arrays, as values come back from TransferQueue
     arrays = {k: np.array(v) if isinstance(v, list) else v for k, v in record.to_extra_fields().items()}

@@ -9,7 +9,9 @@ can be tested directly. It does what verl asks of a rollout engine, at CPU scale
   share one prefill: the prompt's KV rows are computed once and copied;
 - prompt scoring (vLLM's ``prompt_logprobs``): the log-prob of every prompt token, with the KV cache
   of the longest previously seen prefix reused, so scoring ``response[:b] + suffix`` after generating
-  ``response`` costs ``len(suffix)`` new tokens, not ``b``. The L2T J_r probes rely on this.
+  ``response`` costs ``len(suffix)`` new tokens, not ``b``, unless the request sets
+  ``skip_reading_prefix_cache``. The L2T J_r probes get this reuse here by default; on vLLM only under
+  ``l2t.progress.prefix_cache`` (docs/method.md §2).
 
 Log-probs of sampled tokens follow verl's ``logprobs_mode=processed_logprobs``: log-softmax of the
 logits divided by the temperature (what verl's actor recomputes). Prompt log-probs are taken at
@@ -44,6 +46,9 @@ class SamplingSpec:
     ignore_eos: bool = False
     logprobs: bool = False
     prompt_logprobs: int | None = None
+    # vLLM's per-request switch; here it only matters for prompt scoring, whose log-probs are complete
+    # either way (the cache keeps every token's log-prob). None: read the cache.
+    skip_reading_prefix_cache: bool | None = None
     seed: int | None = None
     n: int = 1
 
@@ -69,8 +74,8 @@ class SamplingSpec:
                 setattr(spec, key, float(value))
             elif key in ("top_k", "n", "seed", "prompt_logprobs"):
                 setattr(spec, key, int(value))
-            elif key == "ignore_eos":
-                spec.ignore_eos = bool(value)
+            elif key in ("ignore_eos", "skip_reading_prefix_cache"):
+                setattr(spec, key, bool(value))
             else:
                 raise RequestError(f"unsupported sampling parameter {key!r}={value!r}")
         if spec.temperature < 0:
@@ -331,16 +336,17 @@ class HFEngine:
         return best, best_len
 
     @torch.no_grad()
-    def score(self, prompt_ids: list[int]) -> tuple[list[float], int]:
+    def score(self, prompt_ids: list[int], read_cache: bool = True) -> tuple[list[float], int]:
         """Log-prob of each prompt token given the ones before it (index i is token i+1).
 
-        Returns the log-probs and the number of prompt tokens whose KV was reused from the cache.
+        Returns the log-probs and the number of prompt tokens whose KV was reused from the cache
+        (0 with ``read_cache=False``, which computes the whole prompt; the result is still cached).
         """
         self.check_prompt(prompt_ids, SamplingSpec(max_tokens=0, prompt_logprobs=0))
         ids = tuple(int(t) for t in prompt_ids)
         if len(ids) == 1:
             return [], 0
-        entry, common = self._longest_prefix(ids)
+        entry, common = self._longest_prefix(ids) if read_cache else (None, 0)
         # Keep one shared token out of the reused KV: feeding it again yields the logits that predict
         # the first token after the shared prefix, which the cache entry does not store.
         keep = max(common - 1, 0)

@@ -7,7 +7,8 @@ upstream knows it is on a CPU. Concurrent requests are queued and served in batc
 
 Prompt scoring uses vLLM's convention: ``sampling_params["prompt_logprobs"] = 0`` returns
 ``extra_fields["prompt_logprobs"]`` as ``[[logp(token 1)], ..., [logp(token L-1)], [0.0]]`` and the
-generation part is skipped when ``max_tokens`` is 0.
+generation part is skipped when ``max_tokens`` is 0. Unlike vLLM, the prefix cache is read for such a
+request unless it sets ``skip_reading_prefix_cache=True``, and the list is always complete.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class HFRolloutServer:
         if spec.prompt_logprobs is not None:
             if spec.prompt_logprobs != 0:
                 raise RequestError("prompt_logprobs: only 0 (the prompt tokens' own log-probs) is supported")
-            logps, reused = await self._submit("score", prompt_ids)
+            logps, reused = await self._submit("score", (prompt_ids, not spec.skip_reading_prefix_cache))
             extra["prompt_logprobs"] = [[lp] for lp in logps] + [[0.0]]
             extra["prompt_ids"] = [[t] for t in prompt_ids[1:]] + [[0]]
             extra["num_cached_tokens"] = reused
@@ -178,7 +179,7 @@ class HFRolloutServer:
         for kind, payload, fut in batch:
             if kind == "score":
                 try:
-                    settle(fut, self.engine.score(payload))
+                    settle(fut, self.engine.score(*payload))
                 except Exception as exc:  # one bad request must not fail the others
                     settle(fut, error=exc)
         if gens:
