@@ -6,7 +6,7 @@ On a random Qwen2 (default 4 layers, hidden 256, MLP 512, vocab 2048), a micro-b
 ``--batch`` x ``--seq`` tokens (prompt = the first eighth, the rest cut into K equal episodes),
 proxy P = the last layer's MLP (3 matrices, 393k weights), rank-8 update, for K in {1, 4, 16, 64}:
 
-1. scaling: ``episode_penalties`` (``forward_ad``, the actor's path, and ``jvp``) against ONE
+1. scaling: ``episode_penalties`` (``forward_ad`` and ``reverse``, the actor's two methods) against ONE
    log-prob forward of the same micro-batch (forward + log-softmax + gather, as the actor's
    ``compute_log_prob``), every K and method timed round-robin in each repeat, so that load drift
    on a shared machine hits all of them alike: gives time(K) / time(K=1) and penalty / forward;
@@ -16,6 +16,12 @@ proxy P = the last layer's MLP (3 matrices, 393k weights), rank-8 update, for K 
    would be 393k x 393k here (the library function refuses proxies above 8192 weights); the
    quadratic form is the same number. That identity is checked at start-up on a tiny model
    (proxy of 1536 weights) against the library's ``episode_penalties_exact`` itself.
+
+``--memory`` measures peak memory instead (docs/benchmarks.md): on a random Qwen2 with hidden 256,
+2 layers and V = 151,936, batch 1, T in ``--memory-seqs`` (4,096 and 8,192), each variant runs in its
+own process, which reports its peak RSS minus its RSS after the model is loaded: the log-prob forward
+as verl computes it (HF forward, full-vocabulary log-softmax, gather) and the penalty with each of
+``--methods``. Target: the penalty <= 1.5x the log-prob forward.
 
 Timing: each figure is the best (minimum) of its repeats, in process CPU seconds, with the
 wall-clock minimum alongside; all ratios come from this one run. On a shared machine interference
@@ -52,6 +58,8 @@ TARGET_SPEEDUP_K16 = 10.0
 TARGET_MAX_REL_ERR = 1e-3
 TARGET_K64_OVER_K1 = 1.3
 TARGET_OVER_FORWARD = 3.0
+TARGET_MEMORY_OVER_FORWARD = 1.5
+MEMORY_MODEL = {"layers": 2, "hidden": 256, "vocab": 151_936}
 
 
 def build(
@@ -174,6 +182,90 @@ def reference_check(damping: float) -> dict:
     return {"proxy_weights": size, "max_rel_err_vs_episode_penalties_exact": max_rel_err(ours, library)}
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_child(variant: str, seq: int, logit_chunk: int) -> dict:
+    """One variant in this process: peak RSS minus RSS after the model is loaded, in MiB."""
+    torch.set_num_threads(1)
+    model = build("cpu", torch.float32, **MEMORY_MODEL)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, MEMORY_MODEL["vocab"], (1, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    episodes = equal_episodes(ids, seq // 8, 16)
+    update = random_update(model, 8, 1e-3, 2) if variant != "logprob_forward" else None
+    import gc
+
+    gc.collect()
+    # Reset the peak (VmHWM) to the current RSS: the peak of building the model is not the variant's.
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    if variant == "logprob_forward":
+        logprob_forward(model, ids, mask)
+    else:
+        episode_penalties(model, update, ids, mask, episodes, method=variant, logit_chunk=logit_chunk)
+    return {
+        "variant": variant,
+        "seq": seq,
+        "peak_over_loaded_mib": (_rss_kib("VmHWM") - base) / 1024,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def memory_main(args: argparse.Namespace) -> None:
+    import subprocess
+
+    load_start = load()
+    variants = ["logprob_forward", *args.methods.split(",")]
+    rows = []
+    for seq in (int(x) for x in args.memory_seqs.split(",")):
+        for variant in variants:
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", variant, "--seq", str(seq)]
+                + ["--logit-chunk", str(args.logit_chunk)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    base = {r["seq"]: r["peak_over_loaded_mib"] for r in rows if r["variant"] == "logprob_forward"}
+    for r in rows:
+        r["over_logprob_forward"] = r["peak_over_loaded_mib"] / base[r["seq"]]
+    worst = max(r["over_logprob_forward"] for r in rows if r["variant"] != "logprob_forward")
+    result = {
+        "command": "python benchmarks/penalty.py " + " ".join(sys.argv[1:]),
+        "cpu": cpu_model(),
+        "load_avg_start": load_start,
+        "load_avg_end": load(),
+        "model": MEMORY_MODEL,
+        "batch": 1,
+        "logit_chunk": args.logit_chunk,
+        "estimator": "per variant, own process: peak RSS (VmHWM, reset after loading) minus RSS after load",
+        "rows": rows,
+        "targets": {
+            "penalty peak <= 1.5x log-prob forward peak": verdict(worst <= TARGET_MEMORY_OVER_FORWARD)
+        },
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text + "\n")
+    print("\n| T | variant | peak - loaded (MiB) | / log-prob forward | wall (s) |\n|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['seq']} | {r['variant']} | {r['peak_over_loaded_mib']:.0f} | "
+            f"{r['over_logprob_forward']:.2f}x | {r['wall_s']:.1f} |"
+        )
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -192,7 +284,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="repeats of the scaling phase")
     parser.add_argument("--exact-repeats", type=int, default=2, help="repeats of the exact-reference phase")
     parser.add_argument("--ks", default="1,4,16,64")
-    parser.add_argument("--methods", default="forward_ad,jvp", help="fast-path methods to time")
+    parser.add_argument("--methods", default="forward_ad,reverse", help="fast-path methods to time")
+    parser.add_argument("--memory", action="store_true", help="peak-memory comparison instead of timing")
+    parser.add_argument("--memory-seqs", default="4096,8192")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--logit-chunk", type=int, default=1024)
     parser.add_argument("--damping", type=float, default=1e-5)
     parser.add_argument(
         "--threads",
@@ -203,6 +299,12 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.seq, args.logit_chunk)))
+        return
+    if args.memory:
+        memory_main(args)
+        return
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     wall_start = time.perf_counter()

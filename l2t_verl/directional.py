@@ -34,9 +34,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from l2t_verl.proxy import LowRankUpdate, compute_dtype
+from l2t_verl.proxy import LowRankUpdate, compute_dtype, last_layer_mlp_regex, select_proxy_params
 
-__all__ = ["DEFAULT_LOGIT_CHUNK", "TokenBatch", "chunked_token_logprobs", "directional_derivatives"]
+__all__ = [
+    "DEFAULT_LOGIT_CHUNK",
+    "TokenBatch",
+    "chunked_token_logprobs",
+    "directional_derivatives",
+    "in_last_layer_mlp",
+]
 
 DEFAULT_LOGIT_CHUNK = 1024
 """Positions per chunk of the output layer's log-softmax: ``chunk x V`` fp32 values (600 MB at
@@ -173,13 +179,26 @@ def _token_logprobs(
 # Forward mode
 
 
+def in_last_layer_mlp(model: nn.Module, update: LowRankUpdate) -> bool:
+    """True when every proxy matrix belongs to the last decoder layer's MLP: after it come only
+    per-position ops (norm, output layer, log-softmax), so no tangent or gradient crosses attention."""
+    try:
+        last_mlp = select_proxy_params(model, last_layer_mlp_regex(model))
+    except ValueError:
+        return False
+    return set(update.names) <= set(last_mlp)
+
+
 @contextmanager
-def _forward_ad_attention(model: nn.Module) -> Iterator[None]:
-    """Attention with forward-mode rules for this pass: flash_attention_2's autograd function has
-    none, so a model configured with it runs sdpa (math kernel) instead, and the config is put back.
-    Only matters when a tangent reaches an attention layer (a proxy before some attention layer, e.g.
-    ``random_layers``); the math kernel then holds ``[heads, T, T]`` scores and their tangent per
-    layer, which bounds T for that proxy (docs/method.md §3)."""
+def _forward_ad_attention(model: nn.Module, update: LowRankUpdate) -> Iterator[None]:
+    """Attention with forward-mode rules for this pass, when a tangent can reach attention (a proxy
+    before some attention layer, e.g. ``random_layers``): flash_attention_2's autograd function has
+    none, so a model configured with it runs sdpa with the math kernel instead, and the config is put
+    back. The math kernel holds ``[heads, T, T]`` scores and their tangent per layer, which bounds T
+    for such proxies (docs/method.md §3). The default proxy keeps the model's own attention."""
+    if in_last_layer_mlp(model, update):
+        yield
+        return
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
     changed = []
     for config in configs.values():
@@ -225,7 +244,7 @@ def _forward_ad(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chun
             u, v = update.factors[name]
             device = owner.weight.device if owner.weight.device.type != "meta" else u.device
             stack.callback(owner.register_forward_hook(make_hook(u.to(device), v.to(device))).remove)
-        stack.enter_context(_forward_ad_attention(model))
+        stack.enter_context(_forward_ad_attention(model, update))
         try:
             derivative = fwad.unpack_dual(_token_logprobs(model, batch, chunk)).tangent
         except (NotImplementedError, RuntimeError) as err:
@@ -247,7 +266,7 @@ def _jvp(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: int)
         return _token_logprobs(model, batch, chunk, proxy)
 
     try:
-        with _forward_ad_attention(model):
+        with _forward_ad_attention(model, update):
             _, derivative = jvp(token_logprobs, (primals,), (tangents,))
     except (NotImplementedError, RuntimeError) as err:
         _raise_if_no_forward_rule(err)

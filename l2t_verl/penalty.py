@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from l2t_verl.directional import DEFAULT_LOGIT_CHUNK, TokenBatch, directional_derivatives
+from l2t_verl.directional import DEFAULT_LOGIT_CHUNK, TokenBatch, directional_derivatives, in_last_layer_mlp
 from l2t_verl.proxy import (
     EXACT_SVD_MAX_NUMEL,
     LowRankUpdate,
@@ -49,9 +49,9 @@ from l2t_verl.proxy import (
 
 __all__ = [
     "DEFAULT_DAMPING",
-    "DEFAULT_METHOD",
     "EXACT_SVD_MAX_NUMEL",
     "LowRankUpdate",
+    "auto_method",
     "decoder_layer_indices",
     "episode_penalties",
     "episode_penalties_exact",
@@ -66,8 +66,13 @@ DEFAULT_DAMPING = 1e-5
 """Fisher damping lambda of the paper (App. E)."""
 
 PenaltyMethod = Literal["auto", "forward_ad", "reverse", "jvp", "finite_difference"]
-DEFAULT_METHOD = "forward_ad"
-"""What ``method="auto"`` runs (benchmarks/penalty.py times it against ``reverse``)."""
+
+
+def auto_method(model: nn.Module, update: LowRankUpdate) -> str:
+    """What ``method="auto"`` runs: ``reverse`` when P lies in the last decoder layer's MLP (only
+    per-position ops follow it, so reverse mode is exact there; it is the faster and leaner of the two
+    in benchmarks/penalty.py), ``forward_ad`` for any other proxy."""
+    return "reverse" if in_last_layer_mlp(model, update) else "forward_ad"
 
 
 def token_budget_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -217,7 +222,7 @@ def episode_penalties(
     ``"jvp"`` (``torch.func.jvp`` over ``functional_call``), ``"finite_difference"`` (two forwards at
     ``W -+ h dW_r / ||dW_r||``, ``h = eps * max(||W_P||_F, 1)``, P run in fp32; ``eps=None`` picks
     ``cbrt(finfo(model dtype).eps)``; in bf16 errors of 10% and more), ``"auto"``
-    (:data:`DEFAULT_METHOD`).
+    (:func:`auto_method`: ``reverse`` for proxies in the last layer's MLP, else ``forward_ad``).
 
     ``max_tokens``: micro-batch the rows so that each micro-batch's padded size (rows x its longest
     sequence, by ``attention_mask``) stays within it; each micro-batch is trimmed to its own longest
@@ -232,7 +237,7 @@ def episode_penalties(
     if not damping >= 0.0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     if method == "auto":
-        method = DEFAULT_METHOD
+        method = auto_method(model, update)
     if method not in ("forward_ad", "reverse", "jvp", "finite_difference"):
         raise ValueError(
             f"unknown penalty method {method!r}; expected 'auto', 'forward_ad', 'reverse', 'jvp' or "

@@ -27,7 +27,8 @@ DAMPING=${DAMPING:-1e-5}                         # paper: Fisher damping 1e-5
 TRAIN_TP=${TRAIN_TP:-1}                          # megatron tensor parallel size (STRATEGY=megatron)
 # Tokens per GPU per forward/backward (dynamic batching); must hold one prompt + response.
 MAX_TOKEN_LEN_PER_GPU=${MAX_TOKEN_LEN_PER_GPU:-$(((MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2))}
-# Responses per forward-mode pass of the L2T penalty (it reads the rollout's log-prob micro batch).
+# Responses per micro-batch of verl's log-prob forward (the L2T penalty cuts its own micro-batches by
+# l2t.penalty.max_token_len, which defaults to rollout.log_prob_max_token_len_per_gpu).
 LOG_PROB_MICRO_BSZ=${LOG_PROB_MICRO_BSZ:-1}
 SAVE_FREQ=${SAVE_FREQ:-10}
 TEST_FREQ=${TEST_FREQ:-5}

@@ -14,6 +14,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from l2t_verl.directional import chunked_token_logprobs
 from l2t_verl.penalty import (
     LowRankUpdate,
+    auto_method,
     decoder_layer_indices,
     episode_penalties,
     episode_penalties_exact,
@@ -683,3 +684,24 @@ def test_forward_ad_runs_flash_configured_models_through_sdpa() -> None:
     model.config._attn_implementation = "sdpa"
     exact = episode_penalties_exact(model, update, ids, mask, episodes, max_proxy_numel=4096)
     assert rel_err(fast, exact) <= 1e-9
+    # The default proxy's tangent never reaches attention: the model keeps its own kernel (on this CPU
+    # machine flash-attn is not installed, so using it fails, which shows it was not switched).
+    model.config._attn_implementation = "flash_attention_2"
+    last = LowRankUpdate.from_weights(model, perturbed_reference(model, LAST_MLP), modules=LAST_MLP, rank=2)
+    with pytest.raises(ImportError):
+        episode_penalties(model, last, ids, mask, episodes, method="forward_ad")
+    assert model.config._attn_implementation == "flash_attention_2"
+
+
+def test_auto_picks_reverse_only_for_the_last_layer_mlp() -> None:
+    model = tiny_model(torch.float64)
+    for regex, expected in (
+        (LAST_MLP, "reverse"),
+        (r"layers\.1\.mlp\.up_proj", "reverse"),
+        (EARLY, "forward_ad"),
+    ):
+        update = LowRankUpdate.from_weights(model, perturbed_reference(model, regex), modules=regex, rank=2)
+        assert auto_method(model, update) == expected
+        ids, mask, episodes = make_batch()
+        auto = episode_penalties(model, update, ids, mask, episodes, method="auto")
+        assert torch.equal(auto, episode_penalties(model, update, ids, mask, episodes, method=expected))

@@ -131,6 +131,9 @@ class HFEngine:
         seed: int = 0,
     ) -> None:
         self.model = model.eval()
+        # Inputs follow the model onto its device (a CUDA GPU under scripts/gpu_check.py); sampling
+        # stays on CPU generators so that a seed gives the same tokens on any device.
+        self.device = next(model.parameters()).device
         self.eos_token_ids = frozenset(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.max_model_len = max_model_len
@@ -218,6 +221,7 @@ class HFEngine:
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=ids,
@@ -228,7 +232,7 @@ class HFEngine:
         )
         self.stats["prefill_tokens"] += int(mask.sum())
         prompt_logps = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-        select = torch.tensor([unique[row.prompt] for row in rows])
+        select = torch.tensor([unique[row.prompt] for row in rows], device=self.device)
         cache.batch_select_indices(select)
         mask = mask[select]
         logits = out.logits[select, -1].float()
@@ -236,7 +240,7 @@ class HFEngine:
 
         budget = [min(r.spec.max_tokens, self.max_model_len - len(r.prompt)) for r in rows]
         for _ in range(max(budget)):
-            tokens = torch.full((len(rows),), self.pad_token_id, dtype=torch.long)
+            tokens = torch.full((len(rows),), self.pad_token_id, dtype=torch.long, device=self.device)
             for b, row in enumerate(rows):
                 if row.done is not None:
                     continue
@@ -253,7 +257,7 @@ class HFEngine:
                     row.done = "length"
             if all(row.done is not None for row in rows):
                 break
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             out = self.model(
                 input_ids=tokens[:, None],
                 attention_mask=mask,
@@ -270,7 +274,7 @@ class HFEngine:
         spec = row.spec
         raw = torch.log_softmax(logits, -1)
         if spec.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt) | set(row.out)))
+            seen = torch.tensor(sorted(set(row.prompt) | set(row.out)), device=logits.device)
             picked = logits[seen]
             logits = logits.clone()
             logits[seen] = torch.where(
@@ -293,7 +297,7 @@ class HFEngine:
             drop[-1] = False
             scores = scores.masked_fill(drop.scatter(0, order, drop), -math.inf)
         probs = torch.softmax(scores, -1)
-        token = int(torch.multinomial(probs, 1, generator=row.generator or self._generator))
+        token = int(torch.multinomial(probs.cpu(), 1, generator=row.generator or self._generator))
         return token, float(logp[token]), float(raw[token])
 
     def _remember(
@@ -356,17 +360,17 @@ class HFEngine:
             known = entry.token_logps[:keep]
         else:
             cache, keep, known = DynamicCache(config=self.model.config), 0, []
-        new = torch.tensor(ids[keep:])[None]
+        new = torch.tensor(ids[keep:], device=self.device)[None]
         out = self.model(
             input_ids=new,
-            position_ids=torch.arange(keep, len(ids))[None],
+            position_ids=torch.arange(keep, len(ids), device=self.device)[None],
             past_key_values=cache,
             use_cache=True,
         )
         self.stats["score_tokens"] += new.shape[1]
         self.stats["score_cached_tokens"] += keep
         # logits at position p predict token p+1.
-        targets = torch.tensor(ids[keep + 1 :])
+        targets = torch.tensor(ids[keep + 1 :], device=self.device)
         logps = torch.log_softmax(out.logits[0, : len(targets)].float(), -1)
         token_logps = known + logps.gather(-1, targets[:, None])[:, 0].tolist()
         self._store(_CacheEntry(ids, [(layer.keys, layer.values) for layer in cache.layers], token_logps))
