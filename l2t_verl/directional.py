@@ -22,7 +22,7 @@ one position only).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -362,6 +362,38 @@ class _ReverseTap:
         )
 
 
+@contextmanager
+def _gathered_for_backward(model: nn.Module, owners: Iterable[nn.Module]) -> Iterator[None]:
+    """Under FSDP2, the weights the backward reads (the units holding P, and the root's own: the final
+    norm) are gathered again for it, then freed.
+
+    FSDP2 frees a unit's gathered weights after its forward and gathers them again from a hook on the
+    unit's output when a backward reaches it. The backward here starts inside the model, at the
+    output layer's input, so it never passes the root's output and its hook; without this, it would
+    read the root's freed weights (a crash on CPU, garbage on a GPU). ``unshard`` refills the same
+    storage the autograd graph saved. Collective: every rank gathers the same units in the same order.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        yield
+        return
+    # Every FSDP unit that contains a proxy layer: its own unit (a decoder layer) and the root.
+    owners = list(owners)
+    units = [
+        m
+        for m in model.modules()
+        if isinstance(m, FSDPModule) and any(sub is owner for sub in m.modules() for owner in owners)
+    ]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
 def _reverse(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: int) -> Tensor:
     targets = batch.targets
     captured: dict[str, Tensor] = {}
@@ -386,7 +418,8 @@ def _reverse(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: 
     grad_hidden = torch.zeros_like(hidden)
     grad_hidden[:, :-1][batch.valid] = captured["grad"].to(hidden.dtype)
     outputs = [tap.outputs[name] for name in names]
-    grads = torch.autograd.grad(hidden, outputs, grad_outputs=grad_hidden, allow_unused=True)
+    with _gathered_for_backward(model, tap.owners.values()):
+        grads = torch.autograd.grad(hidden, outputs, grad_outputs=grad_hidden, allow_unused=True)
     total = None
     for name, grad in zip(names, grads, strict=True):
         if grad is None:

@@ -114,11 +114,13 @@ def _rank_main(rank: int, world: int, port: int, out: str, method: str) -> None:
         # verl's apply_fsdp2 layout for an untied model: every decoder layer, the embeddings and the
         # output layer get their own FSDP unit, so the output layer's weight is only whole inside its
         # own forward (where the penalty reads it).
+        # Every unit frees its gathered weights after its forward, the root too: verl passes
+        # reshard_after_forward=True to all of them (torch's own default keeps the root's).
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model.model.embed_tokens)
-        fully_shard(model.lm_head)
-        fully_shard(model)
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(model.model.embed_tokens, reshard_after_forward=True)
+        fully_shard(model.lm_head, reshard_after_forward=True)
+        fully_shard(model, reshard_after_forward=True)
         proxy = select_proxy_params(model, last_layer_mlp_regex(model))
         current = {name: _full(p).double() for name, p in sorted(proxy.items())}
         per_rank = BATCH // world
