@@ -11,10 +11,10 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from l2t_verl.directional import chunked_token_logprobs
 from l2t_verl.penalty import (
     LowRankUpdate,
     auto_method,
+    chunked_token_logprobs,
     decoder_layer_indices,
     episode_penalties,
     episode_penalties_exact,

@@ -3,7 +3,7 @@
 Two small objects: the proxy set P (the weight matrices the penalty looks at, chosen by a regex over
 parameter names; by default the last decoder layer's MLP, the paper's "single-layer MLP") and
 :class:`LowRankUpdate`, the rank-r truncated SVD ``dW_r = U V`` of each matrix's update
-``dW = W_now - W_ref``. The penalty itself (:mod:`l2t_verl.penalty`) only reads these.
+``dW = W_now - W_ref``. The penalty itself (:mod:`l2t_verl.penalty.fisher`) only reads these.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "DEFAULT_DAMPING",
     "EXACT_SVD_MAX_NUMEL",
     "LowRankUpdate",
     "decoder_layer_indices",
@@ -26,6 +27,9 @@ __all__ = [
     "random_layer_regex",
     "select_proxy_params",
 ]
+
+DEFAULT_DAMPING = 1e-5
+"""Fisher damping lambda of the paper (App. E): the penalty's ``lambda ||dW_r||^2`` term."""
 
 EXACT_SVD_MAX_NUMEL = 1 << 22
 """``svd="auto"`` uses the exact ``torch.linalg.svd`` for matrices with at most this many entries

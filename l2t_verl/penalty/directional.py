@@ -12,171 +12,38 @@ gets all of them for a whole micro-batch from one pass, whatever the number of e
   P mixes positions (the default proxy, the last layer's MLP: after it come the per-position norm,
   output layer and log-softmax), which is checked while the forward runs. Needs no forward-mode
   rule anywhere, so any attention kernel works.
-- ``finite_difference``: central difference of two forwards at ``W -+ h dW_r / ||dW_r||``.
 
-All four read the log-probs through :func:`chunked_token_logprobs` from inside the output layer's
-forward: only the episode positions are scored, ``logit_chunk`` positions at a time, so neither the
-``[T, V]`` logits nor their tangent is ever held whole (the output layer itself computes logits for
-one position only).
+All three read the log-probs through :mod:`l2t_verl.penalty.output_layer`. The central finite difference
+(two forwards) is in :mod:`l2t_verl.penalty.reference`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwad
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from l2t_verl.proxy import LowRankUpdate, compute_dtype, last_layer_mlp_regex, select_proxy_params
+from l2t_verl.penalty.batch import TokenBatch
+from l2t_verl.penalty.output_layer import (
+    chunked_logprob_grads,
+    run_forward,
+    scored_in_output_layer,
+    token_logprobs,
+)
+from l2t_verl.penalty.proxy import LowRankUpdate, last_layer_mlp_regex, select_proxy_params
 
-__all__ = [
-    "DEFAULT_LOGIT_CHUNK",
-    "TokenBatch",
-    "chunked_token_logprobs",
-    "directional_derivatives",
-    "in_last_layer_mlp",
-]
+__all__ = ["FAST_METHODS", "fast_directional_derivatives", "in_last_layer_mlp", "linear_owners"]
 
-DEFAULT_LOGIT_CHUNK = 1024
-"""Positions per chunk of the output layer's log-softmax: ``chunk x V`` fp32 values (600 MB at
-V = 152k) per live buffer instead of ``T x V``."""
+FAST_METHODS = ("forward_ad", "reverse", "jvp")
+
 
 _FORWARD_AD_ATTENTION = ("eager", "sdpa")
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    """A padded micro-batch and where its episode tokens are."""
-
-    input_ids: Tensor  # [B, T]
-    attention_mask: Tensor  # [B, T]
-    kwargs: dict[str, Any]  # extra forward kwargs (position_ids, use_cache, ...)
-    valid: Tensor  # [B, T-1] bool: logits position t-1 predicts an episode token t
-    slot: Tensor  # [N] flat index b * K + k of every valid token, in ``valid`` order
-    exists: Tensor  # [B, K] bool: sample b has episode k
-    num_episodes: int
-
-    @property
-    def targets(self) -> Tensor:
-        """The N episode tokens, in ``valid`` order."""
-        return self.input_ids[:, 1:][self.valid]
-
-
-# --------------------------------------------------------------------------------------------------
-# The output layer, in chunks
-
-
-def chunked_token_logprobs(
-    hidden: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    targets: Tensor,
-    chunk: int = DEFAULT_LOGIT_CHUNK,
-) -> Tensor:
-    """``log_softmax(hidden @ weight^T + bias)[n, targets[n]]`` for the rows of ``hidden`` ``[N, H]``
-    (``weight=None``: the rows are logits already).
-
-    ``chunk`` rows at a time, reduced in fp32 (fp64 for fp64): the same numbers as the unchunked
-    formula with ``chunk x V`` values alive instead of ``N x V``. Plain torch ops, so forward-mode
-    tangents (dual numbers, ``torch.func.jvp``) flow through it chunk by chunk as well.
-    """
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    parts = []
-    for start in range(0, hidden.shape[0], chunk):
-        rows = hidden[start : start + chunk]
-        logits = (rows if weight is None else F.linear(rows, weight, bias)).to(dtype)
-        picked = logits.gather(-1, targets[start : start + chunk, None]).squeeze(-1)
-        parts.append(picked - torch.logsumexp(logits, dim=-1))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=dtype)
-
-
-def _chunked_logprob_grads(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int
-) -> Tensor:
-    """``d log p_n / d hidden_n = (onehot(z_n) - softmax_n) @ weight`` per row ``[N, H]``, chunked."""
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    parts = []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[start : start + chunk], weight, bias).to(dtype)
-        residual = -torch.softmax(logits, dim=-1)
-        residual.scatter_add_(-1, targets[start : start + chunk, None], residual.new_ones(logits.shape[0], 1))
-        parts.append((residual.to(weight.dtype) @ weight).to(dtype))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, weight.shape[1], dtype=dtype)
-
-
-def _output_layer(model: nn.Module) -> nn.Linear | None:
-    get = getattr(model, "get_output_embeddings", None)
-    layer = get() if callable(get) else None
-    return layer if isinstance(layer, nn.Linear) else None
-
-
-@contextmanager
-def _scored_in_output_layer(
-    model: nn.Module, batch: TokenBatch, chunk: int, score: Callable[[Tensor, Tensor, Tensor | None], Any]
-) -> Iterator[list]:
-    """While active, the model's output layer calls ``score(hidden_rows, weight, bias)`` on the episode
-    positions' hidden states (appending the result to the yielded list) and then computes logits for
-    the last position only.
-
-    The hook runs inside the output layer's own forward, after any pre-forward hook of the engine
-    (FSDP2 gathers the layer's weight there), so the full weight is what ``score`` sees.
-    """
-    layer = _output_layer(model)
-    if layer is None:
-        raise ValueError("the model has no nn.Linear output layer (get_output_embeddings())")
-    results: list = []
-
-    def pre_hook(module: nn.Module, args: tuple) -> tuple:
-        hidden = args[0]
-        results.append(score(hidden, module.weight, module.bias))
-        return (hidden[:, -1:], *args[1:])
-
-    handle = layer.register_forward_pre_hook(pre_hook)
-    try:
-        yield results
-    finally:
-        handle.remove()
-
-
-def _forward(model: nn.Module, batch: TokenBatch, params: Mapping[str, Tensor] | None = None) -> None:
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.kwargs}
-    if params is None:
-        model(**kwargs)
-    else:
-        functional_call(model, dict(params), args=(), kwargs=kwargs)
-
-
-def _token_logprobs(
-    model: nn.Module, batch: TokenBatch, chunk: int, params: Mapping[str, Tensor] | None = None
-) -> Tensor:
-    """``log pi(z_t | z_<t)`` of the N episode tokens ``[N]`` (carrying any tangent of the forward)."""
-    targets = batch.targets
-    if _output_layer(model) is None:
-        # Not a causal LM with a linear output layer: score its logits, still in chunks of positions.
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.kwargs}
-        out = model(**kwargs) if params is None else functional_call(model, dict(params), (), kwargs)
-        rows = (out.logits if hasattr(out, "logits") else out)[:, :-1][batch.valid]
-        return chunked_token_logprobs(rows, None, None, targets, chunk)
-
-    def score(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return chunked_token_logprobs(hidden[:, :-1][batch.valid], weight, bias, targets, chunk)
-
-    with _scored_in_output_layer(model, batch, chunk, score) as results:
-        _forward(model, batch, params)
-    if len(results) != 1:
-        raise RuntimeError(f"the output layer ran {len(results)} times in one forward; expected once")
-    return results[0]
-
-
-# --------------------------------------------------------------------------------------------------
-# Forward mode
 
 
 def in_last_layer_mlp(model: nn.Module, update: LowRankUpdate) -> bool:
@@ -214,7 +81,7 @@ def _forward_ad_attention(model: nn.Module, update: LowRankUpdate) -> Iterator[N
             config._attn_implementation = current
 
 
-def _linear_owners(model: nn.Module, update: LowRankUpdate, method: str) -> dict[str, nn.Linear]:
+def linear_owners(model: nn.Module, update: LowRankUpdate, method: str) -> dict[str, nn.Linear]:
     owners = {}
     for name in update.names:
         prefix, _, leaf = name.rpartition(".")
@@ -228,7 +95,7 @@ def _linear_owners(model: nn.Module, update: LowRankUpdate, method: str) -> dict
 
 
 def _forward_ad(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: int) -> Tensor:
-    owners = _linear_owners(model, update, "forward_ad")
+    owners = linear_owners(model, update, "forward_ad")
 
     def make_hook(u: Tensor, v: Tensor):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
@@ -246,7 +113,7 @@ def _forward_ad(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chun
             stack.callback(owner.register_forward_hook(make_hook(u.to(device), v.to(device))).remove)
         stack.enter_context(_forward_ad_attention(model, update))
         try:
-            derivative = fwad.unpack_dual(_token_logprobs(model, batch, chunk)).tangent
+            derivative = fwad.unpack_dual(token_logprobs(model, batch, chunk)).tangent
         except (NotImplementedError, RuntimeError) as err:
             _raise_if_no_forward_rule(err)
             raise
@@ -262,12 +129,12 @@ def _jvp(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: int)
     # constant and the one forward carries d/de of every token at once.
     tangents = {n: update.dense(n).to(device=p.device, dtype=p.dtype) for n, p in primals.items()}
 
-    def token_logprobs(proxy: dict[str, Tensor]) -> Tensor:
-        return _token_logprobs(model, batch, chunk, proxy)
+    def logprobs_of(proxy: dict[str, Tensor]) -> Tensor:
+        return token_logprobs(model, batch, chunk, proxy)
 
     try:
         with _forward_ad_attention(model, update):
-            _, derivative = jvp(token_logprobs, (primals,), (tangents,))
+            _, derivative = jvp(logprobs_of, (primals,), (tangents,))
     except (NotImplementedError, RuntimeError) as err:
         _raise_if_no_forward_rule(err)
         raise
@@ -284,10 +151,6 @@ def _raise_if_no_forward_rule(err: Exception) -> None:
         ) from err
 
 
-# --------------------------------------------------------------------------------------------------
-# Reverse mode
-
-
 class _ReverseTap:
     """Forward hooks for the reverse method: each proxy layer keeps ``V x_t`` of the episode positions
     and exposes its output ``y`` to autograd; attention modules report when they run after a proxy."""
@@ -295,7 +158,7 @@ class _ReverseTap:
     def __init__(self, model: nn.Module, update: LowRankUpdate, batch: TokenBatch) -> None:
         self.update = update
         self.batch = batch
-        self.owners = _linear_owners(model, update, "reverse")
+        self.owners = linear_owners(model, update, "reverse")
         self.name_of = {id(owner): name for name, owner in self.owners.items()}
         self.projected: dict[str, Tensor] = {}  # name -> [N, r] V x_t
         self.outputs: dict[str, Tensor] = {}  # name -> [B, T, m] proxy output in the graph
@@ -402,12 +265,12 @@ def _reverse(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: 
         captured["hidden"] = hidden
         with torch.no_grad():
             rows = hidden[:, :-1][batch.valid].detach()
-            captured["grad"] = _chunked_logprob_grads(rows, weight.detach(), bias, targets, chunk)
+            captured["grad"] = chunked_logprob_grads(rows, weight.detach(), bias, targets, chunk)
 
     tap = _ReverseTap(model, update, batch)
     try:
-        with _scored_in_output_layer(model, batch, chunk, score):
-            _forward(model, batch)
+        with scored_in_output_layer(model, batch, chunk, score):
+            run_forward(model, batch)
     finally:
         tap.remove()
     n = int(batch.valid.sum())
@@ -431,98 +294,8 @@ def _reverse(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: 
     return total if total is not None else torch.zeros(n, device=batch.input_ids.device)
 
 
-# --------------------------------------------------------------------------------------------------
-# Finite difference
-
-
-@contextmanager
-def _upcast_modules(modules: list[nn.Module], dtype: torch.dtype) -> Iterator[None]:
-    """Run ``modules`` in ``dtype``: cast their floating inputs up and their outputs back, so the
-    perturbed fp32 proxy weights meet fp32 activations inside, and the rest of the model sees its
-    own dtype."""
-
-    def cast(obj: Any, to: torch.dtype) -> Any:
-        if isinstance(obj, Tensor) and obj.is_floating_point():
-            return obj.to(to)
-        if isinstance(obj, tuple):
-            return tuple(cast(o, to) for o in obj)
-        if isinstance(obj, list):
-            return [cast(o, to) for o in obj]
-        return obj
-
-    handles = []
-    try:
-        for module in modules:
-            out_dtypes: list[torch.dtype] = []
-
-            def pre_hook(mod: nn.Module, args: tuple, kwargs: dict, _out: list = out_dtypes) -> tuple:
-                first = next((a for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
-                _out.append(first.dtype if first is not None else dtype)
-                return cast(args, dtype), {k: cast(v, dtype) for k, v in kwargs.items()}
-
-            def post_hook(mod: nn.Module, args: tuple, output: Any, _out: list = out_dtypes) -> Any:
-                return cast(output, _out.pop())
-
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(module.register_forward_hook(post_hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _finite_difference(
-    model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: int, eps: float | None
-) -> Tensor:
-    params = dict(model.named_parameters())
-    model_dtype = params[update.names[0]].dtype
-    if eps is None:
-        # Central differences balance O(h^2) truncation against rounding/h: h ~ cbrt(machine eps)
-        # of the precision the logits are computed in (fp32: 5e-3, bf16: 0.2, fp64: 6e-6).
-        eps = torch.finfo(model_dtype).eps ** (1.0 / 3.0)
-    norm = update.sq_norm().sqrt()
-    owners: dict[int, nn.Module] = {}
-    for name in update.names:
-        prefix, _, _ = name.rpartition(".")
-        owner = model.get_submodule(prefix) if prefix else model
-        owners[id(owner)] = owner
-    # The P modules run in fp32 (fp64 for fp64 weights): in bf16, W + eps * dW_r would round to W.
-    compute = compute_dtype(model_dtype)
-    upcast = [m for m in owners.values() if any(p.dtype != compute for p in m.parameters(recurse=False))]
-    prefix_of = {id(m): n for n, m in model.named_modules()}
-    base: dict[str, Tensor] = {}
-    for module in upcast:
-        prefix = prefix_of[id(module)]
-        for pname, p in module.named_parameters(recurse=False):
-            base[f"{prefix}.{pname}" if prefix else pname] = p.detach().to(compute)
-
-    # Step h along the unit direction dW_r / ||dW_r||, with h relative to the size of the proxy
-    # weights (textbook h = eps * characteristic |x|): an update of lr ~ 1e-6 is far too small a
-    # step for fp32 logits, and a fixed absolute h would depend on the model's weight scale.
-    weight_norm = torch.sqrt(sum(params[n].detach().to(compute).square().sum() for n in update.names))
-    step = eps * max(float(weight_norm), 1.0)
-    results = []
-    for sign in (1.0, -1.0):
-        scale = (sign * step / norm).to(compute)
-        overrides = dict(base)
-        for name in update.names:
-            weight = params[name].detach().to(compute)
-            overrides[name] = weight + scale * update.dense(name).to(weight.device, compute)
-        with _upcast_modules(upcast, compute):
-            results.append(_token_logprobs(model, batch, chunk, overrides))
-    plus, minus = results
-    # d/de f(W + e dW_r) = ||dW_r|| * d/ds f(W + s dW_r / ||dW_r||)
-    return (plus - minus) * (norm.to(plus.dtype) / (2.0 * step))
-
-
-def directional_derivatives(
-    model: nn.Module,
-    update: LowRankUpdate,
-    batch: TokenBatch,
-    method: str,
-    *,
-    logit_chunk: int = DEFAULT_LOGIT_CHUNK,
-    eps: float | None = None,
+def fast_directional_derivatives(
+    model: nn.Module, update: LowRankUpdate, batch: TokenBatch, method: str, *, logit_chunk: int
 ) -> Tensor:
     """``d/de log pi(z_t | z_<t; W + e dW_r)`` at ``e = 0`` for the batch's N episode tokens, ``[N]``.
 
@@ -537,8 +310,4 @@ def directional_derivatives(
             return _jvp(model, update, batch, logit_chunk)
         if method == "reverse":
             return _reverse(model, update, batch, logit_chunk)
-        if method == "finite_difference":
-            return _finite_difference(model, update, batch, logit_chunk, eps)
-    raise ValueError(
-        f"unknown penalty method {method!r}; expected 'forward_ad', 'reverse', 'jvp' or 'finite_difference'"
-    )
+    raise ValueError(f"unknown fast penalty method {method!r}; expected one of {FAST_METHODS}")
