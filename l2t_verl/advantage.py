@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
 __all__ = ["L2T_ADV_ESTIMATOR", "advantage_parts", "l2t_advantage", "normalized_process_rewards"]
 
@@ -119,6 +118,10 @@ def advantage_parts(
             f"episode_ends[{row}, {k}] = {int(ends[row, k])} is outside [1, {int(lengths[row])}], "
             f"the valid length of response {row}"
         )
+
+    # Imported here, not at module level: `import verl` loads this package's verl plugin, which imports
+    # the trainer, which imports this module's callers; the math modules stay importable first.
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
     outcome, _ = compute_grpo_outcome_advantage(
         token_level_rewards=outcome_scores.unsqueeze(-1).clone(),

@@ -5,7 +5,7 @@ verl's own registries, everything l2t-verl adds:
 
 - the ``cpu`` platform (and, only when it is the active platform, the CPU compatibility shims);
 - the ``hf`` rollout backend (``actor_rollout_ref.rollout.name=hf``);
-- the L2T components (advantage estimator, reward manager, agent loop, trainer) once they exist.
+- the L2T components (reward manager, agent loop, trainer, length-penalty baseline).
 
 verl swallows exceptions raised by plugins (it logs them at debug level), so failures here are logged
 as errors: a silently missing registration would surface much later as a confusing lookup error.
@@ -19,7 +19,6 @@ import logging
 logger = logging.getLogger("l2t_verl")
 
 _L2T_MODULES = (
-    "l2t_verl.advantage",
     "l2t_verl.agent_loop",
     "l2t_verl.length_penalty",
     "l2t_verl.reward_manager",
