@@ -49,7 +49,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 from l2t_verl.assets import build_all
 from l2t_verl.episodes import EpisodeConfig, segment_episodes
 from l2t_verl.local.hf_engine import HFEngine, SamplingSpec
-from l2t_verl.progress import answer_token_ids, compute_progress, force_token_ids
+from l2t_verl.probes import answer_token_ids, force_token_ids
+from l2t_verl.progress import compute_progress
 from l2t_verl.settings import ProgressConfig
 
 # The arith task's suffixes (l2t_verl/config/task/arith.yaml): the warm-started model's own format.

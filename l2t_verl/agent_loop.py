@@ -15,14 +15,8 @@ Per response (docs/method.md §§1-2, 8):
 4. write the results into ``AgentLoopOutput.extra_fields`` as the sample's
    :class:`~l2t_verl.record.SampleRecord` (that module owns the field names).
 
-Where the fields land (verl 0.9.1): with rule-based rewards verl scores each sample inside the rollout
-worker right after ``run()``; the ``l2t`` reward manager adds the outcome to
-``extra_fields["reward_extra_info"]``. On the v1 (TransferQueue) path that ``l2t_verl.main`` runs, the
-whole ``extra_fields`` dict is stored per sample in the TransferQueue field ``"extra_fields"``, where the
-L2T trainer reads it back (:func:`l2t_verl.record.read_records`).
-
-Probe requests bypass ``FullyAsyncLLMServerClient``'s resume loop (it rebuilds the reply and drops
-``prompt_logprobs``): they go through the base ``LLMServerClient.generate`` of the same client.
+How those fields reach the driver, and why probes bypass the fully-async client's resume loop:
+docs/architecture.md.
 """
 
 from __future__ import annotations

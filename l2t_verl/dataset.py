@@ -8,8 +8,9 @@ verifier would fail in the middle of a run; both are rejected here with the file
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -18,11 +19,12 @@ class DatasetError(ValueError):
     """A dataset that cannot be trained on; the message names file, row and field."""
 
 
-def _ground_truth(row: pd.Series) -> Any:
-    reward_model = row.get("reward_model")
-    if isinstance(reward_model, dict):
-        return reward_model.get("ground_truth")
-    return None
+class RowFields(NamedTuple):
+    """What training and evaluation read from a checked row."""
+
+    messages: list[dict[str, Any]]
+    ground_truth: Any
+    data_source: str
 
 
 def _usable(value: Any) -> bool:
@@ -30,9 +32,44 @@ def _usable(value: Any) -> bool:
         return False
     if isinstance(value, str):
         return bool(value.strip())
-    if hasattr(value, "__len__"):
+    if hasattr(value, "__len__"):  # numpy arrays too: parquet readers may hand them back
         return len(value) > 0
     return True
+
+
+def check_row(
+    row: Mapping[str, Any] | pd.Series,
+    where: str,
+    prompt_key: str = "prompt",
+    check_verifier: bool = True,
+    error: type[Exception] = DatasetError,
+) -> RowFields:
+    """The fields of one verl dataset row, or ``error(f"{where}: field ...: what is wrong")``.
+
+    The checks: ``prompt_key`` a non-empty list of ``{"role", "content"}`` messages, a non-empty
+    ``reward_model.ground_truth``, a non-empty ``data_source`` and (``check_verifier``) one that
+    :func:`l2t_verl.scoring.get_verifier` resolves. ``where`` names the file and row; ``error`` is the
+    caller's exception type, so training start-up and evaluation report a bad row in the same words.
+    """
+    prompt = row.get(prompt_key)
+    messages = list(prompt) if hasattr(prompt, "__len__") and not isinstance(prompt, str) else None
+    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise error(f"{where}: field {prompt_key!r} must be a non-empty list of chat messages")
+    reward_model = row.get("reward_model")
+    truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
+    if not _usable(truth):
+        raise error(f"{where}: field 'reward_model.ground_truth' is missing or empty")
+    source = row.get("data_source")
+    if not isinstance(source, str) or not source:
+        raise error(f"{where}: field 'data_source' is missing or empty")
+    if check_verifier:
+        from l2t_verl.scoring import get_verifier
+
+        try:
+            get_verifier(source)
+        except ValueError as exc:
+            raise error(f"{where}: field 'data_source': {exc}") from None
+    return RowFields(messages, truth, source)
 
 
 def validate_dataset(path: str | Path, prompt_key: str = "prompt", check_verifier: bool = True) -> int:
@@ -55,25 +92,6 @@ def validate_dataset(path: str | Path, prompt_key: str = "prompt", check_verifie
     if len(frame) == 0:
         raise DatasetError(f"{path}: no rows")
 
-    from l2t_verl.scoring import get_verifier
-
-    checked_sources: set[str] = set()
     for i, row in frame.iterrows():
-        prompt = row[prompt_key]
-        messages = list(prompt) if hasattr(prompt, "__len__") and not isinstance(prompt, str) else None
-        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise DatasetError(
-                f"{path}: row {i}: field {prompt_key!r} must be a non-empty list of chat messages"
-            )
-        if not _usable(_ground_truth(row)):
-            raise DatasetError(f"{path}: row {i}: field 'reward_model.ground_truth' is missing or empty")
-        source = row["data_source"]
-        if not isinstance(source, str) or not source:
-            raise DatasetError(f"{path}: row {i}: field 'data_source' is missing or empty")
-        if check_verifier and source not in checked_sources:
-            try:
-                get_verifier(source)
-            except ValueError as exc:
-                raise DatasetError(f"{path}: row {i}: field 'data_source': {exc}") from None
-            checked_sources.add(source)
+        check_row(row, f"{path}: row {i}", prompt_key, check_verifier)
     return len(frame)

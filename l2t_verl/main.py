@@ -110,7 +110,7 @@ def check_method_combination(config: DictConfig, l2t) -> None:
 
 def check_probe_target(config: DictConfig, l2t, files: ModelFiles | None = None) -> None:
     """The likelihood probe's ``answer_suffix`` against the model's tokenizer (docs/method.md §2)."""
-    from l2t_verl.progress import check_answer_suffix
+    from l2t_verl.probes import check_answer_suffix
 
     tokenizer = (files or ModelFiles(config)).tokenizer("check l2t.progress.answer_suffix")
     if tokenizer is not None:

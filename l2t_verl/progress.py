@@ -19,11 +19,11 @@ Estimators (``l2t.progress.estimator``):
   parses only the answer's entries, right-aligned (:func:`likelihood_from_answer_logprobs`).
 - ``sampling``: M forced continuations per probe (separate requests, distinct seeds), each
   scored by the outcome verifier on ``force_suffix + decoded continuation``; ``J_r`` = fraction
-  scoring >= 0.5 (the verifiers here are {0, 1}). A verifier exception or timeout counts as
-  incorrect and is counted in ``verifier_errors``.
+  scoring >= 0.5 (the verifiers here are {0, 1}). A verifier exception or timeout (default
+  :data:`l2t_verl.scoring.call.PROBE_VERIFIER_TIMEOUT_S`, 10 s a call) counts as incorrect and is
+  counted in ``verifier_errors``.
 
-Token ids are never re-tokenized: the force suffix and the answer are tokenized once, on their
-own, and concatenated to the sampled ids (docs/method.md §1: BPE does not round-trip).
+The probe prompts and their answer targets are built in :mod:`l2t_verl.probes`.
 
 K = 0 (empty response or empty reasoning span): no probe is sent and ``jr == delta_j == []``;
 there is no episode to credit, so ``J_0`` alone would only cost a request.
@@ -40,7 +40,6 @@ It must not import the actor side (penalty / worker extensions).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import random
 import time
@@ -48,30 +47,25 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from l2t_verl.episodes import THINK_CLOSE, check_episode_ends
-from l2t_verl.scoring.arith import closing_brace
-from l2t_verl.settings import L2TConfigError, ProgressConfig
+from l2t_verl.probes import (
+    answer_token_ids,
+    forced_probe_prompts,
+    ground_truth_text,
+    probe_boundaries,
+)
+from l2t_verl.scoring.call import PROBE_VERIFIER_TIMEOUT_S, call_verifier
+from l2t_verl.settings import ProgressConfig
 
 __all__ = [
-    "DEFAULT_VERIFIER_TIMEOUT_S",
     "GenerateFn",
     "ProbeError",
     "ProgressResult",
     "VerifierFn",
-    "answer_token_ids",
-    "check_answer_suffix",
     "compute_progress",
     "deltas",
-    "ends_with_think_close",
-    "force_token_ids",
-    "forced_probe_prompts",
-    "ground_truth_text",
-    "normalize_answer",
     "likelihood_from_answer_logprobs",
     "likelihood_from_prompt_logprobs",
     "likelihood_params",
-    "probe_boundaries",
-    "probe_prompts",
 ]
 
 GenerateFn = Callable[[list[int], dict[str, Any]], Awaitable[Any]]
@@ -81,7 +75,6 @@ GenerateFn = Callable[[list[int], dict[str, Any]], Awaitable[Any]]
 VerifierFn = Callable[..., Any]
 """``verifier(data_source, solution_str, ground_truth, extra_info)`` -> float or ``{"score": float}``."""
 
-DEFAULT_VERIFIER_TIMEOUT_S = 10.0
 # Continuations scored at or above this count as correct; the project's verifiers return 0 or 1.
 _CORRECT_THRESHOLD = 0.5
 
@@ -116,160 +109,12 @@ class ProgressResult:
     cache_fallbacks: int = 0
 
 
-def probe_boundaries(episode_ends: Sequence[int]) -> list[int]:
-    """Response prefix lengths probed: ``[0, *episode_ends]`` (K+1 values; ``[]`` when K = 0)."""
-    ends = [int(e) for e in episode_ends]
-    return [0, *ends] if ends else []
-
-
-def probe_prompts(
-    prompt_ids: Sequence[int],
-    response_ids: Sequence[int],
-    episode_ends: Sequence[int],
-    force_ids: Sequence[int],
-    closed_force_ids: Sequence[int] | None = None,
-    tokenizer: Any = None,
-) -> list[list[int]]:
-    """``prompt_ids + response_ids[:b_k] + force`` for every boundary ``b_k``.
-
-    ``force`` is ``closed_force_ids`` where the prefix already ends with ``</think>`` (needs
-    ``tokenizer`` to see it), else ``force_ids``.
-    """
-    prompt, response, force = (list(map(int, x)) for x in (prompt_ids, response_ids, force_ids))
-    check_episode_ends(episode_ends, len(response))
-    prompts = []
-    for b in probe_boundaries(episode_ends):
-        prefix = prompt + response[:b]
-        suffix = force
-        if (
-            closed_force_ids is not None
-            and tokenizer is not None
-            and ends_with_think_close(tokenizer, prefix)
-        ):
-            suffix = list(map(int, closed_force_ids))
-        prompts.append(prefix + suffix)
-    return prompts
-
-
-def forced_probe_prompts(
-    prompt_ids: Sequence[int],
-    response_ids: Sequence[int],
-    episode_ends: Sequence[int],
-    tokenizer: Any,
-    cfg: ProgressConfig,
-) -> list[list[int]]:
-    """The K+1 probe prompts of a response with the configured force suffix, closing the reasoning only
-    where the prefix has not closed it already (docs/method.md §2)."""
-    return probe_prompts(
-        prompt_ids,
-        response_ids,
-        episode_ends,
-        force_token_ids(tokenizer, cfg),
-        force_token_ids(tokenizer, cfg, closed=True),
-        tokenizer,
-    )
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return [int(t) for t in ids]
-
-
-def force_token_ids(tokenizer: Any, cfg: ProgressConfig, closed: bool = False) -> list[int]:
-    """The force suffix, tokenized on its own (it is appended to sampled ids, never merged with them).
-
-    ``closed``: the prefix already ends with ``</think>`` (every probe after an episode in
-    ``think_tags`` mode), so the part of the suffix up to and including its own ``</think>`` is left
-    out: the reasoning must not be closed twice.
-    """
-    text = cfg.force_suffix
-    if closed and THINK_CLOSE in text:
-        text = text.split(THINK_CLOSE, 1)[1]
-    return _encode(tokenizer, text)
-
-
 # Enough tokens to hold "</think>" even where it is not one special token (8 characters, each at
 # worst one byte-level token), plus trailing white space.
-_TAIL_TOKENS = 16
-
-
-def ends_with_think_close(tokenizer: Any, ids: Sequence[int]) -> bool:
-    """Whether the text of ``ids`` ends with ``</think>`` (trailing white space aside)."""
-    tail = tokenizer.decode([int(t) for t in ids[-_TAIL_TOKENS:]], skip_special_tokens=False)
-    return tail.rstrip().endswith(THINK_CLOSE)
-
-
 _WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
-_BOXED = "\\boxed{"
-
-
-def normalize_answer(text: str) -> str:
-    """``y*`` as the policy writes it inside the force suffix's ``\\boxed{``: surrounding white space,
-    ``$...$``, ``\\(...\\)`` and a whole-answer ``\\boxed{...}`` stripped, repeatedly (the verifier
-    accepts those forms; the probe must not ask the policy to write them a second time)."""
-    while True:
-        before = text
-        text = text.strip()
-        for left, right in _WRAPPERS:
-            inner = text[len(left) : len(text) - len(right)]
-            # "$a$ and $b$" is not one wrapped answer: the inner part must not close it early.
-            if len(text) >= len(left) + len(right) and text.startswith(left) and text.endswith(right):
-                if right not in inner:
-                    text = inner
-                    break
-        if text.startswith(_BOXED) and closing_brace(text, len(_BOXED), 1) == len(text) - 1:
-            text = text[len(_BOXED) : -1]
-        if text == before:
-            return text
-
-
-def ground_truth_text(ground_truth: Any) -> str | None:
-    """The answer string a probe should produce (:func:`normalize_answer`), or ``None`` when there is
-    no usable one.
-
-    Strings and numbers are used as they are; for a list of acceptable answers the first one is
-    the probe target (the likelihood estimator needs one token sequence).
-    """
-    if hasattr(ground_truth, "tolist") and not isinstance(ground_truth, str):
-        ground_truth = ground_truth.tolist()  # numpy/torch values from a parquet row
-    if isinstance(ground_truth, (list, tuple)):
-        return ground_truth_text(ground_truth[0]) if ground_truth else None
-    if ground_truth is None or isinstance(ground_truth, bool):
-        return None
-    text = normalize_answer(str(ground_truth))
-    return text if text else None
 
 
 # What a policy commonly writes right after the closing of its answer (section 2).
-_CONTINUATIONS = (".", ",", "\n", " ", "$")
-
-
-def check_answer_suffix(tokenizer: Any, answer_suffix: str) -> None:
-    """Start-up check (section 2): the ids of ``answer_suffix`` must stay a prefix of the ids of
-    ``answer_suffix`` followed by a common continuation. Otherwise BPE merges the closing with what
-    the policy writes next, and the scored token is one the policy never emits (J_r ~ 1e-9).
-    Raises ``L2TConfigError`` naming ``l2t.progress.answer_suffix`` and the merged token."""
-    if not answer_suffix:
-        return
-    closing = _encode(tokenizer, answer_suffix)
-    for cont in _CONTINUATIONS:
-        merged = _encode(tokenizer, answer_suffix + cont)
-        if merged[: len(closing)] != closing:
-            first = next(i for i, (a, b) in enumerate(zip(closing, merged, strict=False)) if a != b)
-            token = tokenizer.decode(merged[first : first + 1])
-            raise L2TConfigError(
-                f"l2t.progress.answer_suffix={answer_suffix!r} merges with a following {cont!r} into the "
-                f"token {token!r}, which the probe would then never score; end answer_suffix with what the "
-                f"model writes after its answer (e.g. {answer_suffix + cont!r})"
-            )
-
-
-def answer_token_ids(tokenizer: Any, ground_truth: str, cfg: ProgressConfig) -> list[int]:
-    """``ground_truth + answer_suffix`` tokenized on its own (docs/method.md §2: ``y*`` plus the closing
-    ``}``)."""
-    return _encode(tokenizer, ground_truth + cfg.answer_suffix)
-
-
 def deltas(jr: Sequence[float]) -> list[float]:
     """``delta_J_k = J_r[k] - J_r[k-1]`` for k = 1..K."""
     return [float(b) - float(a) for a, b in zip(jr, jr[1:], strict=False)]
@@ -392,15 +237,6 @@ def _default_verifier() -> VerifierFn:
     return compute_score
 
 
-def _score_value(result: Any) -> float:
-    if isinstance(result, dict):
-        result = result["score"]
-    value = float(result)
-    if not math.isfinite(value):
-        raise ValueError(f"verifier returned a non-finite score {value!r}")
-    return value
-
-
 async def _likelihood_probe(
     generate: GenerateFn, probe: list[int], answer: list[int], max_tokens: int, prefix_cache: bool
 ) -> tuple[float, int, int, int]:
@@ -426,16 +262,6 @@ async def _likelihood_probe(
     _check_not_aborted(output)
     jr = likelihood_from_prompt_logprobs(_extra(output).get("prompt_logprobs"), len(ids), len(answer))
     return jr, tokens + _computed_tokens(output, len(ids)), 0, int(prefix_cache)
-
-
-async def _run_verifier(verifier: VerifierFn, timeout_s: float, *args: Any) -> float:
-    if inspect.iscoroutinefunction(verifier):
-        pending = verifier(*args)
-    else:
-        # In a thread: verifiers are synchronous and may be slow (sympy), and the rollout
-        # worker's event loop is shared by every in-flight response.
-        pending = asyncio.get_running_loop().run_in_executor(None, lambda: verifier(*args))
-    return _score_value(await asyncio.wait_for(pending, timeout_s))
 
 
 async def _gather_all_or_cancel(coros: list[Awaitable[Any]]) -> list[Any]:
@@ -484,7 +310,7 @@ async def compute_progress(
     data_source: str | None = None,
     extra_info: dict | None = None,
     verifier: VerifierFn | None = None,
-    verifier_timeout_s: float = DEFAULT_VERIFIER_TIMEOUT_S,
+    verifier_timeout_s: float = PROBE_VERIFIER_TIMEOUT_S,
     score_max_tokens: int = 1,
     seed: int | None = None,
 ) -> ProgressResult:
@@ -532,7 +358,7 @@ async def compute_progress(
             return tokenizer.decode(ids, skip_special_tokens=True)
 
         async def verify(text: str) -> float:
-            return await _run_verifier(
+            return await call_verifier(
                 verify_fn, verifier_timeout_s, data_source, text, ground_truth, extra_info
             )
 

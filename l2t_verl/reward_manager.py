@@ -2,8 +2,9 @@
 
 :meth:`L2TRewardManager.run_single` scores ONE response with the outcome verifier (the configured
 ``custom_reward_function``, default ``l2t_verl.scoring.compute_score``). A verifier exception or timeout
-(``reward.timeout`` seconds, default 60; ``+reward.timeout=...``) scores 0 and is counted (docs/method.md
-section 8). It returns ``reward_score = r_out`` and the outcome fields of the per-sample record
+(``reward.timeout`` seconds, default :data:`l2t_verl.scoring.call.REWARD_VERIFIER_TIMEOUT_S`, 60;
+``+reward.timeout=...``) scores 0 and is counted (docs/method.md section 8). It returns
+``reward_score = r_out`` and the outcome fields of the per-sample record
 (:func:`l2t_verl.record.outcome_extra_info`).
 
 Only the outcome is scored here. The process rewards need the penalty, which the actor computes after
@@ -13,10 +14,7 @@ layout, ``r_out`` on the last response token (the inherited ``assemble_rm_scores
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,12 +23,11 @@ from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 from verl.experimental.reward_loop.reward_manager.registry import register
 
 from l2t_verl.record import outcome_extra_info
+from l2t_verl.scoring.call import REWARD_VERIFIER_TIMEOUT_S, call_verifier
 
-__all__ = ["DEFAULT_VERIFIER_TIMEOUT_S", "L2TRewardManager"]
+__all__ = ["L2TRewardManager"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_VERIFIER_TIMEOUT_S = 60.0
 
 
 def _decode_response(tokenizer: Any, data_item: Any) -> str:
@@ -60,13 +57,11 @@ class L2TRewardManager(RewardManagerBase):
 
             compute_score = default_compute_score
         self.compute_score = compute_score
-        # inspect unwraps functools.partial, which is how verl wraps custom reward functions.
-        self.is_async_reward_score = inspect.iscoroutinefunction(compute_score)
         self.reward_router_address = reward_router_address
         self.reward_model_tokenizer = reward_model_tokenizer
         if verifier_timeout_s is None:
             reward_cfg = config.get("reward", {}) if hasattr(config, "get") else {}
-            verifier_timeout_s = (reward_cfg or {}).get("timeout", None) or DEFAULT_VERIFIER_TIMEOUT_S
+            verifier_timeout_s = (reward_cfg or {}).get("timeout", None) or REWARD_VERIFIER_TIMEOUT_S
         self.verifier_timeout_s = float(verifier_timeout_s)
 
     async def _outcome(self, data_source: Any, solution: str, ground_truth: Any, extra_info: dict) -> float:
@@ -78,21 +73,15 @@ class L2TRewardManager(RewardManagerBase):
             if self.reward_router_address is not None
             else {}
         )
-        call = dict(
-            data_source=data_source, solution_str=solution, ground_truth=ground_truth, extra_info=extra_info
+        return await call_verifier(
+            self.compute_score,
+            self.verifier_timeout_s,
+            data_source=data_source,
+            solution_str=solution,
+            ground_truth=ground_truth,
+            extra_info=extra_info,
+            **extra_kwargs,
         )
-        if self.is_async_reward_score:
-            pending = self.compute_score(**call, **extra_kwargs)
-        else:
-            # In a thread: verifiers are synchronous and may be slow (sympy, sandboxed tests).
-            pending = self.loop.run_in_executor(None, lambda: self.compute_score(**call, **extra_kwargs))
-        result = await asyncio.wait_for(pending, self.verifier_timeout_s)
-        if isinstance(result, dict):
-            result = result["score"]
-        score = float(result)
-        if not math.isfinite(score):
-            raise ValueError(f"verifier returned a non-finite score {score!r}")
-        return score
 
     async def run_single(self, data: DataProto) -> dict:
         data_item = data[-1:][0]  # multi-output trajectories are scored on their last output, as in naive

@@ -17,7 +17,7 @@ from verl.workers.rollout.replica import TokenOutput
 import l2t_verl
 from l2t_verl.agent_loop import L2TAgentLoop
 from l2t_verl.episodes import segment_episodes
-from l2t_verl.progress import force_token_ids
+from l2t_verl.probes import force_token_ids
 from l2t_verl.record import SampleRecord
 from l2t_verl.settings import ProgressConfig
 

@@ -22,7 +22,9 @@ import torch
 
 from l2t_verl.episodes import EpisodeConfig, segment_episodes
 from l2t_verl.evaluation import (
+    AnalysisConfig,
     EvaluationError,
+    ForceConfig,
     Generation,
     GenerationBackend,
     SamplingConfig,
@@ -42,6 +44,7 @@ from l2t_verl.scoring.arith import parse_int
 ROOT = Path(__file__).resolve().parents[1]
 ARITH_FORCE = "\n</think>\nThe answer is \\boxed{"
 ARITH_ANSWER = "}."
+ARITH = ForceConfig(ARITH_FORCE, ARITH_ANSWER)
 PARITY_SOURCE = "l2t_evaltest_parity"
 
 
@@ -95,16 +98,8 @@ def e2e(assets, tmp_path_factory):
         assets["model"],
         [assets["test"], parity],
         backend="hf",
-        n=4,
-        temperature=0.8,
-        top_p=1.0,
-        max_tokens=48,
-        budgets=[8, 24],
-        depth=True,
-        depth_samples=2,
-        force_suffix=ARITH_FORCE,
-        answer_suffix=ARITH_ANSWER,
-        seed=3,
+        sampling=SamplingConfig(n=4, temperature=0.8, top_p=1.0, max_tokens=48, seed=3),
+        analysis=AnalysisConfig(budgets=[8, 24], depth=True, depth_samples=2, force=ARITH),
         limit=4,
         backend_options={"num_threads": 1},
         name="e2e",
@@ -162,18 +157,15 @@ def scripted(tokenizer, tmp_path):
     return backend, data
 
 
-def _scripted_eval(backend, data, **kw):
-    opts = dict(
+def _scripted_eval(backend, data, name=None, **analysis):
+    return evaluate(
+        "scripted",
+        data,
         backend=backend,
-        n=2,
-        temperature=1.0,
-        max_tokens=40,
-        force_suffix=ARITH_FORCE,
-        answer_suffix=ARITH_ANSWER,
-        episodes=EpisodeConfig(mode="delimiter"),
+        sampling=SamplingConfig(n=2, temperature=1.0, max_tokens=40),
+        analysis=AnalysisConfig(episodes=EpisodeConfig(mode="delimiter"), force=ARITH, **analysis),
+        name=name,
     )
-    opts.update(kw)
-    return evaluate("scripted", data, **opts)
 
 
 # --------------------------------------------------------------------------- end to end (hf backend)
@@ -383,7 +375,9 @@ def test_bad_inputs_give_one_line_errors(assets, tmp_path):
         evaluate(model, good, backend="tpu")
     _one_line_error(e, "unknown backend", "'tpu'")
     with pytest.raises(EvaluationError) as e:
-        evaluate(model, good, max_tokens=64, budgets=[32, 128])
+        evaluate(
+            model, good, sampling=SamplingConfig(max_tokens=64), analysis=AnalysisConfig(budgets=[32, 128])
+        )
     _one_line_error(e, "budget 128", "max_tokens=64")
     with pytest.raises(EvaluationError) as e:
         evaluate(tmp_path / "no_model", good)

@@ -14,17 +14,14 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from l2t_verl.probes import force_token_ids, forced_probe_prompts, ground_truth_text, probe_prompts
 from l2t_verl.progress import (
     ProbeError,
     ProgressResult,
     compute_progress,
-    force_token_ids,
-    forced_probe_prompts,
-    ground_truth_text,
     likelihood_from_answer_logprobs,
     likelihood_from_prompt_logprobs,
     likelihood_params,
-    probe_prompts,
 )
 from l2t_verl.scoring import extract_boxed
 from l2t_verl.settings import ProgressConfig
@@ -228,7 +225,7 @@ def test_think_tags_probes_close_the_reasoning_exactly_once(tokenizer):
 
 
 def test_answer_suffix_that_merges_with_the_next_character_is_refused(tokenizer):
-    from l2t_verl.progress import check_answer_suffix
+    from l2t_verl.probes import check_answer_suffix
     from l2t_verl.settings import L2TConfigError
 
     # The asset tokenizer merges "}." into one token (the warm-started model always writes it).

@@ -9,6 +9,7 @@ import pytest
 from l2t_verl.scoring import arith as arith_mod
 from l2t_verl.scoring import compute_score, extract_boxed, get_verifier, register_verifier
 from l2t_verl.scoring import math as math_mod
+from l2t_verl.scoring.text import closing_brace, open_braces
 
 # ------------------------------------------------------------------------------- extraction
 
@@ -36,6 +37,16 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
 
 def test_extract_boxed_non_string() -> None:
     assert extract_boxed(None) is None  # type: ignore[arg-type]
+
+
+def test_brace_helpers_treat_escaped_braces_as_literal() -> None:
+    text = "a{b\\{c}d}e}"
+    assert closing_brace(text, 2, 1) == 6  # inside the brace opened at 1: \\{ does not nest
+    assert closing_brace(text, 0, 1) == 8  # one brace already open, plus the one at 1
+    assert closing_brace("{\\}", 1, 1) is None
+    assert open_braces("The answer is \\boxed{") == 1
+    assert open_braces("}{{\\}") == 2  # a stray } with none open is ignored
+    assert open_braces("{a}") == 0
 
 
 # ------------------------------------------------------------------------------- arith

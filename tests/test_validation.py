@@ -101,6 +101,21 @@ def test_bad_rows_are_named(tmp_path, mutate, expected):
     assert str(err.value).startswith(path)
 
 
+@pytest.mark.parametrize("mutate", [lambda r: r[1].update(prompt=[]), lambda r: r[1].update(data_source="x")])
+def test_training_and_evaluation_name_a_bad_row_in_the_same_words(tmp_path, mutate):
+    from l2t_verl.evaluation import EvaluationError, load_problems
+
+    rows = _rows()
+    mutate(rows)
+    path = _write(tmp_path, rows)
+    with pytest.raises(DatasetError) as training:
+        validate_dataset(path)
+    with pytest.raises(EvaluationError) as evaluation:
+        load_problems(path)
+    assert str(training.value) == str(evaluation.value)
+    assert str(training.value).startswith(f"{path}: row 1: field ")
+
+
 def test_missing_file_and_column(tmp_path):
     with pytest.raises(DatasetError, match="file not found"):
         validate_dataset(tmp_path / "nope.parquet")

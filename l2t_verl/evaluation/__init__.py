@@ -3,12 +3,14 @@
 
 Python use::
 
-    from l2t_verl.evaluation import evaluate, compare
+    from l2t_verl.evaluation import AnalysisConfig, ForceConfig, SamplingConfig, compare, evaluate
 
-    grpo = evaluate("outputs/grpo/checkpoints", "data/test.parquet", backend="hf", n=8,
-                    budgets=[64, 128], depth=True, max_tokens=256,
-                    force_suffix="\\n</think>\\nThe answer is \\\\boxed{", answer_suffix="}.",
-                    output_dir="eval/grpo")
+    sampling = SamplingConfig(n=8, max_tokens=256)
+    analysis = AnalysisConfig(
+        budgets=[64, 128], depth=True, force=ForceConfig("\\n</think>\\nThe answer is \\\\boxed{", "}.")
+    )
+    grpo = evaluate("outputs/grpo/checkpoints", "data/test.parquet", backend="hf", sampling=sampling,
+                    analysis=analysis, output_dir="eval/grpo")
     l2t = evaluate("outputs/l2t/checkpoints", ...)
     rows = compare({"grpo": grpo, "l2t": l2t}, "eval/compare")
 
@@ -32,12 +34,14 @@ from l2t_verl.evaluation.depth import depth_by_tier, depth_curve, run_depth
 from l2t_verl.evaluation.errors import EvaluationError
 from l2t_verl.evaluation.forcing import ForceConfig, ForcedAnswerer
 from l2t_verl.evaluation.metrics import budget_cut, maj_at_k, majority_score, pass_at_1, summarize
-from l2t_verl.evaluation.pipeline import evaluate
+from l2t_verl.evaluation.pipeline import DEFAULT_SAMPLING, AnalysisConfig, evaluate
 from l2t_verl.evaluation.report import compare, load_result, write_report
 from l2t_verl.evaluation.result import EvalResult, SampleRecord
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_SAMPLING",
+    "AnalysisConfig",
     "EvalResult",
     "EvaluationError",
     "ForceConfig",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from l2t_verl.dataset import check_row
 from l2t_verl.evaluation.errors import EvaluationError
 
 __all__ = ["UNTIERED", "Problem", "load_problems", "split_paths", "to_plain"]
@@ -102,40 +103,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [to_plain(r) for r in rows]
 
 
-def _usable(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, str):
-        return bool(value.strip())
-    if isinstance(value, (list, tuple, dict)):
-        return len(value) > 0
-    return True
-
-
 def _problem(path: Path, name: str, i: int, row: Any, prompt_key: str) -> Problem:
-    from l2t_verl.scoring import get_verifier
-
     where = f"{path}: row {i}"
     if not isinstance(row, dict):
         raise EvaluationError(f"{where}: expected a mapping, got {type(row).__name__}")
-    messages = row.get(prompt_key)
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-    ):
-        raise EvaluationError(f"{where}: field {prompt_key!r} must be a non-empty list of chat messages")
-    reward_model = row.get("reward_model")
-    truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
-    if not _usable(truth):
-        raise EvaluationError(f"{where}: field 'reward_model.ground_truth' is missing or empty")
-    source = row.get("data_source")
-    if not isinstance(source, str) or not source:
-        raise EvaluationError(f"{where}: field 'data_source' is missing or empty")
-    try:
-        get_verifier(source)
-    except ValueError as exc:
-        raise EvaluationError(f"{where}: field 'data_source': {exc}") from None
+    messages, truth, source = check_row(row, where, prompt_key, error=EvaluationError)
     extra = row.get("extra_info") or {}
     if not isinstance(extra, dict):
         raise EvaluationError(f"{where}: field 'extra_info' must be a mapping, got {type(extra).__name__}")

@@ -28,12 +28,25 @@ from l2t_verl.evaluation.errors import EvaluationError
 from l2t_verl.evaluation.forcing import ForcedAnswerer
 from l2t_verl.evaluation.result import ALL, SampleRecord, Trace
 
-__all__ = ["depth_by_tier", "depth_curve", "episode_cuts", "run_depth"]
+__all__ = ["check_depth_settings", "depth_by_tier", "depth_curve", "episode_cuts", "run_depth"]
 
 
 def episode_cuts(response_ids: Sequence[int], tokenizer: Any, episodes: EpisodeConfig) -> list[int]:
     """Cut points ``[0, e_1, ..., e_K]``: depth k keeps ``response[:cuts[k]]``."""
     return [0, *segment_episodes(response_ids, tokenizer, episodes)]
+
+
+def check_depth_settings(episodes: EpisodeConfig | None, samples_per_problem: int | None) -> EpisodeConfig:
+    """``episodes`` (default :class:`EpisodeConfig`) once it and ``samples_per_problem`` (``None``: all)
+    are valid, else :class:`EvaluationError`."""
+    episodes = episodes or EpisodeConfig()
+    try:
+        episodes.validate()
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
+    if samples_per_problem is not None and (isinstance(samples_per_problem, bool) or samples_per_problem < 1):
+        raise EvaluationError(f"depth_samples must be an integer >= 1; got {samples_per_problem!r}")
+    return episodes
 
 
 def run_depth(
@@ -43,13 +56,7 @@ def run_depth(
     samples_per_problem: int | None = None,
 ) -> None:
     """Fill ``depth`` and ``num_episodes`` of the probed traces' records (module docstring)."""
-    episodes = episodes or EpisodeConfig()
-    try:
-        episodes.validate()
-    except ValueError as exc:
-        raise EvaluationError(str(exc)) from None
-    if samples_per_problem is not None and samples_per_problem < 1:
-        raise EvaluationError(f"depth_samples must be >= 1; got {samples_per_problem}")
+    episodes = check_depth_settings(episodes, samples_per_problem)
     tok = answerer.backend.tokenizer
     jobs: list[tuple[Trace, int, int]] = []
     for t in traces:

@@ -19,7 +19,7 @@ from typing import Any
 from l2t_verl.episodes import THINK_CLOSE, char_to_token_ends, token_char_ends
 from l2t_verl.evaluation.backends import GenerationBackend, SamplingConfig
 from l2t_verl.evaluation.errors import EvaluationError
-from l2t_verl.scoring.arith import closing_brace
+from l2t_verl.scoring.text import closing_brace, open_braces
 from l2t_verl.settings import DEFAULT_FORCE_SUFFIX
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "ForcedAnswerer",
     "DEFAULT_FORCE_SUFFIX",
     "cut_forced_answer",
-    "open_braces",
     "reasoning_end",
     "strip_stop_tokens",
 ]
@@ -62,22 +61,6 @@ class ForcedAnswer:
     text: str  # decode(prefix) + force_suffix + answer: what the verifier scores
     answer: str  # the generated answer after the force suffix, already cut
     overflow: bool = False  # the probe did not fit the model's context: nothing was generated
-
-
-def open_braces(text: str) -> int:
-    """Braces ``{`` left open at the end of ``text``; ``\\{`` / ``\\}`` are literal (as in extract_boxed)."""
-    depth, i = 0, 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth = max(0, depth - 1)
-        i += 1
-    return depth
 
 
 def cut_forced_answer(answer: str, opened: int, answer_suffix: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +15,47 @@ from l2t_verl.episodes import EpisodeConfig
 from l2t_verl.evaluation.backends import GenerationBackend, SamplingConfig, make_backend
 from l2t_verl.evaluation.checkpoints import resolve_model
 from l2t_verl.evaluation.data import Problem, load_problems, split_paths
-from l2t_verl.evaluation.depth import depth_by_tier, run_depth
+from l2t_verl.evaluation.depth import check_depth_settings, depth_by_tier, run_depth
 from l2t_verl.evaluation.errors import EvaluationError
-from l2t_verl.evaluation.forcing import DEFAULT_FORCE_SUFFIX, ForceConfig, ForcedAnswerer, reasoning_end
+from l2t_verl.evaluation.forcing import ForceConfig, ForcedAnswerer, reasoning_end
 from l2t_verl.evaluation.metrics import check_budgets, run_budgets, summarize
 from l2t_verl.evaluation.result import EvalResult, SampleRecord, Trace
 from l2t_verl.scoring import extract_boxed
 
-__all__ = ["default_run_name", "evaluate", "prompt_ids"]
+__all__ = ["DEFAULT_SAMPLING", "AnalysisConfig", "default_run_name", "evaluate", "prompt_ids"]
 
 logger = logging.getLogger(__name__)
+
+# Several samples per problem because pass@1 is their mean and maj@k needs k of them; 4096 tokens
+# leave room for long reasoning.
+DEFAULT_SAMPLING = SamplingConfig(n=20, max_tokens=4096)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """The forced-answer analyses run on the sampled responses, and how an answer is forced.
+
+    budgets: token budgets for accuracy-under-budget (:mod:`l2t_verl.evaluation.metrics`), each <= the
+        sampling ``max_tokens``; none by default.
+    depth: run the episode-depth analysis (:mod:`l2t_verl.evaluation.depth`) on the first
+        ``depth_samples`` samples of each problem (all when None), segmenting with ``episodes``.
+    force: forced answering (:mod:`l2t_verl.evaluation.forcing`); for the arith task use
+        ``ForceConfig("\\n</think>\\nThe answer is \\\\boxed{", "}.")``.
+    """
+
+    budgets: Sequence[int] = ()
+    depth: bool = False
+    depth_samples: int | None = None
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    force: ForceConfig = field(default_factory=ForceConfig)
+
+    def validate(self, max_tokens: int) -> AnalysisConfig:
+        """A copy with the budgets sorted and de-duplicated; :class:`EvaluationError` for a bad setting."""
+        budgets = tuple(check_budgets(self.budgets, max_tokens))
+        self.force.validate()
+        if self.depth:
+            check_depth_settings(self.episodes, self.depth_samples)
+        return replace(self, budgets=budgets)
 
 
 def prompt_ids(tokenizer: Any, problem: Problem, chat_template: bool = True) -> list[int]:
@@ -84,19 +115,8 @@ def evaluate(
     data: str | Path | Sequence[str | Path],
     *,
     backend: str | GenerationBackend = "hf",
-    n: int = 20,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    top_k: int = -1,
-    max_tokens: int = 4096,
-    budgets: Sequence[int] = (),
-    depth: bool = False,
-    depth_samples: int | None = None,
-    episodes: EpisodeConfig | None = None,
-    force_suffix: str = DEFAULT_FORCE_SUFFIX,
-    answer_suffix: str = "}",
-    answer_tokens: int = 32,
-    seed: int = 0,
+    sampling: SamplingConfig = DEFAULT_SAMPLING,
+    analysis: AnalysisConfig | None = None,
     limit: int | None = None,
     maj_k: int = 4,
     chat_template: bool = True,
@@ -112,13 +132,9 @@ def evaluate(
         ``backend`` is a ready :class:`GenerationBackend`.
     data: a dataset file, a comma-separated list of them, or a sequence of paths.
     backend: ``"hf"`` (in-process, CPU), ``"vllm"`` (GPU) or a backend instance to reuse (not closed).
-    n, temperature, top_p, top_k, max_tokens, seed: sampling of the responses.
-    budgets: token budgets for accuracy-under-budget (:mod:`l2t_verl.evaluation.metrics`), each
-        <= max_tokens.
-    depth: run the episode-depth analysis (:mod:`l2t_verl.evaluation.depth`) on the first
-        ``depth_samples`` samples of each problem (all when None), segmenting with ``episodes``.
-    force_suffix, answer_suffix, answer_tokens: forced answering (:mod:`l2t_verl.evaluation.forcing`);
-        for the arith task use ``"\\n</think>\\nThe answer is \\\\boxed{"`` and ``"}."``.
+    sampling: how the ``sampling.n`` responses per problem are sampled.
+    analysis: the budget and depth analyses and how they force answers (:class:`AnalysisConfig`);
+        ``None`` runs neither.
     limit: evaluate only the first ``limit`` rows of each file.
     output_dir: also write the report (JSON, CSV, plots) there.
 
@@ -127,19 +143,8 @@ def evaluate(
     (> max_tokens) are checked before any model is loaded.
     """
     started = time.perf_counter()
-    sampling = SamplingConfig(
-        n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed
-    ).validate()
-    budgets = check_budgets(budgets, max_tokens)
-    force = ForceConfig(force_suffix, answer_suffix, answer_tokens).validate()
-    episodes = episodes or EpisodeConfig()
-    if depth:
-        try:
-            episodes.validate()
-        except ValueError as exc:
-            raise EvaluationError(str(exc)) from None
-        if depth_samples is not None and (isinstance(depth_samples, bool) or depth_samples < 1):
-            raise EvaluationError(f"depth_samples must be an integer >= 1; got {depth_samples!r}")
+    sampling = sampling.validate()
+    analysis = (analysis or AnalysisConfig()).validate(sampling.max_tokens)
     if maj_k < 1:
         raise EvaluationError(f"maj_k must be >= 1; got {maj_k}")
     problems = load_problems(data, limit=limit)
@@ -151,7 +156,7 @@ def evaluate(
         model_dir = resolve_model(model, merge_dir=merge_dir)
         options = dict(backend_options or {})
         if backend == "vllm":
-            options.setdefault("seed", seed)
+            options.setdefault("seed", sampling.seed)
         engine = make_backend(backend, model_dir, **options)
     else:
         model_dir = str(model)
@@ -167,21 +172,21 @@ def evaluate(
                     f"context of {engine.max_model_len} tokens"
                 )
         t0 = time.perf_counter()
-        generations = engine.generate(prompts, sampling, desc=f"sampling n={n}")
+        generations = engine.generate(prompts, sampling, desc=f"sampling n={sampling.n}")
         timing["generate_s"] = time.perf_counter() - t0
         traces = [
             Trace(p, ids, list(g.token_ids), _record(p, j, list(g.token_ids), g.finish_reason, tok))
             for p, ids, gens in zip(problems, prompts, generations, strict=True)
             for j, g in enumerate(gens)
         ]
-        answerer = ForcedAnswerer(engine, force)
-        if budgets:
+        answerer = ForcedAnswerer(engine, analysis.force)
+        if analysis.budgets:
             t0 = time.perf_counter()
-            run_budgets(traces, budgets, answerer)
+            run_budgets(traces, analysis.budgets, answerer)
             timing["budgets_s"] = time.perf_counter() - t0
-        if depth:
+        if analysis.depth:
             t0 = time.perf_counter()
-            run_depth(traces, answerer, episodes, depth_samples)
+            run_depth(traces, answerer, analysis.episodes, analysis.depth_samples)
             timing["depth_s"] = time.perf_counter() - t0
     finally:
         if owned:
@@ -200,11 +205,11 @@ def evaluate(
             "data": [str(p) for p in split_paths(data)],
             "backend": engine.name,
             "sampling": asdict(sampling),
-            "budgets": budgets,
-            "depth": depth,
-            "depth_samples": depth_samples,
-            "episodes": asdict(episodes),
-            "force": asdict(force),
+            "budgets": list(analysis.budgets),
+            "depth": analysis.depth,
+            "depth_samples": analysis.depth_samples,
+            "episodes": asdict(analysis.episodes),
+            "force": asdict(analysis.force),
             "maj_k": maj_k,
             "limit": limit,
             "chat_template": chat_template,
@@ -212,7 +217,7 @@ def evaluate(
         overall={**summarize(records, maj_k), "probe_overflows": answerer.overflows},
         by_dataset={d: summarize([r for r in records if r.dataset == d], maj_k) for d in datasets},
         by_tier={t: summarize([r for r in records if r.tier == t], maj_k) for t in tiers},
-        depth=depth_by_tier(records) if depth else {},
+        depth=depth_by_tier(records) if analysis.depth else {},
         timing=timing,
         samples=records,
     )

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from l2t_verl.scoring.text import closing_brace
+
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _INT_RE = re.compile(r"[+-]?\d+")
 
@@ -27,27 +29,6 @@ def extract_boxed(text: str) -> str | None:
     start = matches[-1].end()
     end = closing_brace(text, start, 1)
     return None if end is None else text[start:end]
-
-
-def closing_brace(text: str, start: int, depth: int) -> int | None:
-    """Index of the ``}`` that closes ``depth`` braces already open at ``start``, or ``None``.
-
-    Escaped braces (``\\{``, ``\\}``) are literal: a backslash skips the character after it.
-    """
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
 
 
 def parse_int(text: str | None) -> int | None:

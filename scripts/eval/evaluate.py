@@ -21,8 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable from a checkout without install
 
 from l2t_verl.episodes import EPISODE_MODES, EpisodeConfig  # noqa: E402
-from l2t_verl.evaluation import EvaluationError, evaluate  # noqa: E402
-from l2t_verl.evaluation.forcing import ForceConfig  # noqa: E402
+from l2t_verl.evaluation import (  # noqa: E402
+    DEFAULT_SAMPLING,
+    AnalysisConfig,
+    EvaluationError,
+    ForceConfig,
+    SamplingConfig,
+    evaluate,
+)
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "l2t_verl" / "config" / "task"
 
@@ -53,24 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="hf", help="hf (in-process, CPU) or vllm (GPU)")
     p.add_argument("--output", required=True, help="directory for the report")
     p.add_argument("--name", help="run name in reports (default: the model path's last part)")
-    p.add_argument("--n", type=int, default=20, help="samples per problem")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--max-tokens", type=int, default=4096, help="max response tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=DEFAULT_SAMPLING.n, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature)
+    p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p)
+    p.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_SAMPLING.max_tokens, help="max response tokens")
+    p.add_argument("--seed", type=int, default=DEFAULT_SAMPLING.seed)
     p.add_argument("--limit", type=int, help="only the first LIMIT rows of each file")
     p.add_argument("--budgets", type=_ints, default=[], help="token budgets, e.g. 512,1024,2048")
     p.add_argument("--depth", action="store_true", help="run the episode-depth analysis (Acc(k), T(k))")
     p.add_argument("--depth-samples", type=int, help="samples per problem probed for depth (default all)")
-    p.add_argument("--episode-mode", choices=EPISODE_MODES, default="delimiter")
-    p.add_argument("--episode-delimiter", default=r"\n\n", help="regex (delimiter mode)")
-    p.add_argument("--max-episodes", type=int, default=20)
-    p.add_argument("--min-episode-tokens", type=int, default=1)
+    p.add_argument("--episode-mode", choices=EPISODE_MODES, default=EpisodeConfig.mode)
+    p.add_argument("--episode-delimiter", default=EpisodeConfig.delimiter, help="regex (delimiter mode)")
+    p.add_argument("--max-episodes", type=int, default=EpisodeConfig.max_episodes)
+    p.add_argument("--min-episode-tokens", type=int, default=EpisodeConfig.min_episode_tokens)
     p.add_argument("--task", help="take force/answer suffixes from l2t_verl/config/task/TASK.yaml")
     p.add_argument("--force-suffix", help="text that closes the reasoning and opens the answer")
     p.add_argument("--answer-suffix", help="text that ends an answer")
-    p.add_argument("--answer-tokens", type=int, default=32, help="max tokens of a forced answer")
+    p.add_argument(
+        "--answer-tokens", type=int, default=ForceConfig.answer_tokens, help="max tokens of a forced answer"
+    )
     p.add_argument("--maj-k", type=int, default=4)
     p.add_argument("--no-chat-template", action="store_true", help="prompt with the raw message text")
     p.add_argument("--merge-dir", help="where FSDP shards are merged (default: <actor>/huggingface_merged)")
@@ -91,7 +99,26 @@ def main(argv: list[str] | None = None) -> int:
             suffixes["force_suffix"] = args.force_suffix
         if args.answer_suffix is not None:
             suffixes["answer_suffix"] = args.answer_suffix
-        force = ForceConfig(**suffixes, answer_tokens=args.answer_tokens)
+        sampling = SamplingConfig(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+        analysis = AnalysisConfig(
+            budgets=args.budgets,
+            depth=args.depth,
+            depth_samples=args.depth_samples,
+            episodes=EpisodeConfig(
+                mode=args.episode_mode,
+                delimiter=args.episode_delimiter,
+                min_episode_tokens=args.min_episode_tokens,
+                max_episodes=args.max_episodes,
+            ),
+            force=ForceConfig(**suffixes, answer_tokens=args.answer_tokens),
+        )
         options: dict = {"max_model_len": args.max_model_len}
         if args.backend == "hf":
             options.update(batch_size=args.batch_size, num_threads=args.threads)
@@ -104,24 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             args.data,
             backend=args.backend,
-            n=args.n,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_tokens=args.max_tokens,
-            budgets=args.budgets,
-            depth=args.depth,
-            depth_samples=args.depth_samples,
-            episodes=EpisodeConfig(
-                mode=args.episode_mode,
-                delimiter=args.episode_delimiter,
-                min_episode_tokens=args.min_episode_tokens,
-                max_episodes=args.max_episodes,
-            ),
-            force_suffix=force.force_suffix,
-            answer_suffix=force.answer_suffix,
-            answer_tokens=force.answer_tokens,
-            seed=args.seed,
+            sampling=sampling,
+            analysis=analysis,
             limit=args.limit,
             maj_k=args.maj_k,
             chat_template=not args.no_chat_template,
