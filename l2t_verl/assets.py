@@ -1,5 +1,6 @@
-"""Offline assets for L2T experiments: a tiny tokenizer, a tiny Qwen2 model and a synthetic
-multi-step arithmetic dataset in verl's parquet schema.
+"""Offline assets for L2T experiments: a tiny tokenizer and a tiny Qwen2 model for the synthetic
+arithmetic task (:mod:`l2t_verl.arith_task`), with its train/test data in verl's parquet schema,
+built once and cached on disk.
 
 Nothing here touches the network: the tokenizer is trained on the synthetic corpus and the
 model is randomly initialised, then (by default) warm-started with a short CPU SFT on worked
@@ -38,33 +39,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # heavy imports stay lazy: the data helpers must not pull in torch
-    import pyarrow as pa
+from l2t_verl.arith_task import THINK_END, THINK_START, make_problems, worked_solution, write_dataset
+from l2t_verl.warm_start import evaluate_greedy, warm_start
+
+if TYPE_CHECKING:  # heavy imports stay lazy: building the data must not pull in torch
     from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 # Bump when the generator, tokenizer recipe or model recipe changes, so that stale asset
 # directories are rebuilt instead of silently reused.
 ASSETS_VERSION = 2
 
-DATA_SOURCE = "l2t_arith"
-ABILITY = "math"
-INSTRUCTION = "What is the result? Think step by step and put the final answer in \\boxed{}."
-
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, IM_START, EOS_TOKEN]
-THINK_START = "<think>"
-THINK_END = "</think>"
 THINK_TOKENS = [THINK_START, THINK_END]
-STEP_SEPARATOR = "\n\n"
 
 DEFAULT_VOCAB_SIZE = 768
 # The tokenizer corpus is a fixed-size sample that depends only on the seed, so the tokenizer
@@ -120,233 +114,6 @@ DEFAULT_SFT_REDUNDANT_MAX = 1
 # Generation budget for the validation check recorded in the manifest; the longest traces (six
 # steps plus redundant episodes) take ~110 tokens.
 SFT_EVAL_MAX_NEW_TOKENS = 160
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic arithmetic problems
-# ---------------------------------------------------------------------------------------------
-
-MAX_START = 20
-MAX_ADDEND = 20
-MAX_FACTOR = 5
-# Soft cap on intermediate values: multiplication is only offered while the product stays
-# below it, so numbers remain "small" (at most MAX_VALUE + MAX_ADDEND).
-MAX_VALUE = 500
-
-_OP_TEXT = {"add": "Add {k}.", "sub": "Subtract {k}.", "mul": "Multiply by {k}.", "div": "Divide by {k}."}
-_OP_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
-_TEXT_OP = {"Add": "add", "Subtract": "sub", "Multiply by": "mul", "Divide by": "div"}
-_START_RE = re.compile(r"Start at (\d+)\.")
-_OP_RE = re.compile(r"(Add|Subtract|Multiply by|Divide by) (\d+)\.")
-
-
-def _apply(op: str, value: int, k: int) -> int:
-    if op == "add":
-        return value + k
-    if op == "sub":
-        return value - k
-    if op == "mul":
-        return value * k
-    if op == "div":
-        return value // k
-    raise ValueError(f"unknown op {op!r}")
-
-
-def _random_op(rng: random.Random, value: int) -> tuple[str, int]:
-    # Only offer operations that keep every intermediate a non-negative integer of modest size:
-    # subtraction never goes below zero and division is always exact.
-    choices = ["add"]
-    if value >= 1:
-        choices.append("sub")
-    if 1 <= value and value * 2 <= MAX_VALUE:
-        choices.append("mul")
-    divisors = [k for k in range(2, MAX_FACTOR + 1) if value >= k and value % k == 0]
-    if divisors:
-        choices.append("div")
-    op = rng.choice(choices)
-    if op == "add":
-        k = rng.randint(1, MAX_ADDEND)
-    elif op == "sub":
-        k = rng.randint(1, min(value, MAX_ADDEND))
-    elif op == "mul":
-        k = rng.randint(2, min(MAX_FACTOR, MAX_VALUE // value))
-    else:
-        k = rng.choice(divisors)
-    return op, k
-
-
-def difficulty_tier(num_steps: int) -> int:
-    """Difficulty tier 1..4 from the number of operations: 1 -> 1, 2-3 -> 2, 4-5 -> 3, 6+ -> 4."""
-    return max(1, min(4, 1 + num_steps // 2))
-
-
-def render_prompt(start: int, ops: Sequence[tuple[str, int]]) -> str:
-    parts = [f"Start at {start}."] + [_OP_TEXT[op].format(k=k) for op, k in ops] + [INSTRUCTION]
-    return " ".join(parts)
-
-
-def _problem_text(problem: Any) -> str:
-    """Accept a raw prompt string, a message list, or a verl row (also as read back by pandas,
-    where ``prompt`` is a numpy array of dicts)."""
-    if isinstance(problem, str):
-        return problem
-    if isinstance(problem, dict):
-        if "prompt" in problem:
-            return _problem_text(problem["prompt"])
-        if "content" in problem:
-            return str(problem["content"])
-        raise ValueError("problem dict has neither 'prompt' nor 'content'")
-    messages = list(problem)
-    user = [m for m in messages if m.get("role") == "user"]
-    if not user:
-        raise ValueError("problem has no user message")
-    return str(user[-1]["content"])
-
-
-def parse_problem(problem: Any) -> tuple[int, list[tuple[str, int]]]:
-    """Recover ``(start, [(op, k), ...])`` from a problem (string, messages or verl row).
-
-    Parsing the text rather than carrying hidden fields means rows read back from parquet work
-    exactly like freshly generated ones.
-    """
-    text = _problem_text(problem)
-    m = _START_RE.search(text)
-    if m is None:
-        raise ValueError(f"not an arithmetic problem: {text!r}")
-    ops = [(_TEXT_OP[op_m.group(1)], int(op_m.group(2))) for op_m in _OP_RE.finditer(text, m.end())]
-    return int(m.group(1)), ops
-
-
-def solve(problem: Any) -> int:
-    """The exact answer of a problem."""
-    value, ops = parse_problem(problem)
-    for op, k in ops:
-        value = _apply(op, value, k)
-    return value
-
-
-def worked_solution(problem: Any) -> str:
-    """Reference reasoning trace: one equation per step, steps separated by a blank line, e.g.
-    ``"<think>\\n7 + 5 = 12\\n\\n12 * 3 = 36\\n</think>\\nThe answer is \\\\boxed{36}."``."""
-    value, ops = parse_problem(problem)
-    steps = []
-    for op, k in ops:
-        new = _apply(op, value, k)
-        steps.append(f"{value} {_OP_SYMBOL[op]} {k} = {new}")
-        value = new
-    body = STEP_SEPARATOR.join(steps)
-    return f"{THINK_START}\n{body}\n{THINK_END}\nThe answer is \\boxed{{{value}}}."
-
-
-def make_problems(
-    n: int,
-    seed: int,
-    min_steps: int = 1,
-    max_steps: int = 6,
-    *,
-    split: str = "train",
-    exclude: Iterable[str] = (),
-) -> list[dict]:
-    """Generate ``n`` distinct problems as verl rows.
-
-    The RNG is keyed on ``(seed, split)`` so train and test draw different streams; prompts in
-    ``exclude`` (e.g. the train prompts when making the test split) are never emitted.
-    The number of steps is uniform on ``[min_steps, max_steps]``.
-    """
-    if not 1 <= min_steps <= max_steps:
-        raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
-    # A str seed is hashed with SHA-512 by ``random``, so it is stable across processes
-    # (unlike ``hash()``, which is salted per process).
-    rng = random.Random(f"{DATA_SOURCE}:{split}:{seed}")
-    seen = set(exclude)
-    rows: list[dict] = []
-    # Give up after this many duplicates in a row: the requested step range has (nearly) run out
-    # of distinct problems, e.g. thousands of 1-step problems.
-    patience, misses = 10_000, 0
-    while len(rows) < n:
-        if misses >= patience:
-            raise RuntimeError(
-                f"could only find {len(rows)} distinct problems out of {n} "
-                f"(steps {min_steps}..{max_steps}); ask for fewer or allow more steps"
-            )
-        num_steps = rng.randint(min_steps, max_steps)
-        start = rng.randint(0, MAX_START)
-        value, ops = start, []
-        for _ in range(num_steps):
-            op, k = _random_op(rng, value)
-            ops.append((op, k))
-            value = _apply(op, value, k)
-        text = render_prompt(start, ops)
-        if text in seen:
-            misses += 1
-            continue
-        misses = 0
-        seen.add(text)
-        rows.append(
-            {
-                "data_source": DATA_SOURCE,
-                "prompt": [{"role": "user", "content": text}],
-                "ability": ABILITY,
-                "reward_model": {"style": "rule", "ground_truth": str(value)},
-                "extra_info": {
-                    "split": split,
-                    "index": len(rows),
-                    "num_steps": num_steps,
-                    "tier": difficulty_tier(num_steps),
-                },
-            }
-        )
-    return rows
-
-
-def arith_schema() -> pa.Schema:
-    """Explicit parquet schema, so column types never depend on inference from sample rows."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("data_source", pa.string()),
-            ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-            ("ability", pa.string()),
-            ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
-            (
-                "extra_info",
-                pa.struct(
-                    [
-                        ("split", pa.string()),
-                        ("index", pa.int64()),
-                        ("num_steps", pa.int64()),
-                        ("tier", pa.int64()),
-                    ]
-                ),
-            ),
-        ]
-    )
-
-
-_ARITH_COLUMNS = frozenset({"data_source", "prompt", "ability", "reward_model", "extra_info"})
-_ARITH_EXTRA_INFO = frozenset({"split", "index", "num_steps", "tier"})
-
-
-def _has_arith_layout(row: dict) -> bool:
-    # Exact key match only: pyarrow silently drops struct keys missing from an explicit schema,
-    # so e.g. a math row with an extra_info["level"] must fall back to inference.
-    return set(row) == _ARITH_COLUMNS and set(row.get("extra_info") or ()) == _ARITH_EXTRA_INFO
-
-
-def write_dataset(rows: Sequence[dict], path: str | Path, schema: pa.Schema | None = None) -> Path:
-    """Write verl rows to parquet.  ``schema`` defaults to :func:`arith_schema` when every row has
-    exactly its columns and ``extra_info`` keys, otherwise it is inferred by pyarrow."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if schema is None and rows and all(_has_arith_layout(r) for r in rows):
-        schema = arith_schema()
-    table = pa.Table.from_pylist(list(rows), schema=schema)
-    pq.write_table(table, path)
-    return path
-
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and model
@@ -631,8 +398,6 @@ def _warm_start(
     steps_range: tuple[int, int] = (1, 6),
 ) -> dict[str, Any]:
     """Run the SFT described by ``sft`` and return what the manifest records about it."""
-    from l2t_verl.warm_start import evaluate_greedy, warm_start
-
     seen = [r["prompt"][0]["content"] for r in (*train, *test)]
     problems = make_problems(sft["problems"], seed, *steps_range, split="sft", exclude=seen)
     stats = warm_start(

@@ -2,8 +2,8 @@
 
 A randomly initialised model never writes a ``\\boxed{}`` answer, so every GRPO/L2T reward is 0 and
 the group-normalised advantages vanish.  1200 SFT steps on the reference traces of
-:func:`l2t_verl.assets.worked_solution` (60-90 s on two CPU cores) teach the trace format and enough
-arithmetic to solve some problems, which gives RL the mixed 0/1 rewards it learns from.
+:func:`l2t_verl.arith_task.worked_solution` (60-90 s on two CPU cores) teach the trace format and
+enough arithmetic to solve some problems, which gives RL the mixed 0/1 rewards it learns from.
 
 Tuning notes (hidden 128, 2 layers, batch 16, default data): the format and the copying of
 operands from the prompt are learnt within a few hundred steps; the arithmetic comes late and
@@ -34,15 +34,15 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from l2t_verl.assets import (
-    _OP_SYMBOL,
+from l2t_verl.arith_task import (
     DATA_SOURCE,
+    OP_SYMBOL,
     STEP_SEPARATOR,
     THINK_END,
     THINK_START,
-    _apply,
-    _problem_text,
     parse_problem,
+    problem_text,
+    solution_steps,
     solve,
 )
 
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "REDUNDANT_KINDS",
+    "chat_prompt_ids",
     "evaluate",
     "evaluate_greedy",
     "is_necessary_step",
@@ -69,25 +70,14 @@ _REREAD = "Let me re-read the question."
 _Example = tuple[list[int], list[int]]
 
 
-def _steps(problem: Any) -> tuple[int, list[str], list[int]]:
-    """(start, step equations, value after each step)."""
-    value, ops = parse_problem(problem)
-    start, equations, values = value, [], []
-    for op, k in ops:
-        new = _apply(op, value, k)
-        equations.append(f"{value} {_OP_SYMBOL[op]} {k} = {new}")
-        values.append(new)
-        value = new
-    return start, equations, values
-
-
 def is_necessary_step(episode: str) -> bool:
-    """True for a bare step equation such as ``"12 * 3 = 36"`` (what :func:`worked_solution` emits)."""
+    """True for a bare step equation such as ``"12 * 3 = 36"``, what
+    :func:`l2t_verl.arith_task.worked_solution` writes for each step."""
     parts = episode.split(" ")
     return (
         len(parts) == 5
         and parts[0].isdigit()
-        and parts[1] in _OP_SYMBOL.values()
+        and parts[1] in OP_SYMBOL.values()
         and parts[2].isdigit()
         and parts[3] == "="
         and parts[4].isdigit()
@@ -112,7 +102,7 @@ def sft_traces(
 ) -> list[str]:
     """Worked solutions with redundant episodes inserted among the steps.
 
-    Each trace is :func:`l2t_verl.assets.worked_solution` with extra ``"\\n\\n"``-separated episodes
+    Each trace is :func:`l2t_verl.arith_task.worked_solution` with extra ``"\\n\\n"``-separated episodes
     inside the think block: ``"Check: <an earlier step>"``, ``"So far we have <current value>."``
     or ``"Let me re-read the question."``. They never reorder the necessary steps and are always
     true, so the boxed answer is still correct. ``problems`` accepts anything :func:`parse_problem` does.
@@ -128,11 +118,11 @@ def sft_traces(
         raise ValueError(
             f"redundant_max and redundant_per_gap must be >= 0, got {redundant_max}, {redundant_per_gap}"
         )
-    # A str seed is hashed stably across processes (see make_problems).
+    # A str seed is hashed stably across processes (see arith_task.make_problems).
     rng = random.Random(f"{DATA_SOURCE}:sft_traces:{seed}")
     traces = []
     for problem in problems:
-        start, equations, values = _steps(problem)
+        start, equations, values = solution_steps(problem)
         if redundant_per_gap:
             gaps = [g for g in range(len(equations) + 1) for _ in range(rng.randint(0, redundant_per_gap))]
         else:
@@ -159,10 +149,11 @@ def sft_traces(
 # ---------------------------------------------------------------------------------------------
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: Any) -> list[int]:
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: Any) -> list[int]:
+    """Token ids of ``problem``'s user message under the chat template, generation prompt included."""
     # The exact prompt verl's RLHFDataset feeds the rollout, so SFT and RL see the same context.
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _problem_text(problem)}],
+        [{"role": "user", "content": problem_text(problem)}],
         add_generation_prompt=True,
         tokenize=True,
         return_dict=False,
@@ -253,7 +244,7 @@ def warm_start(
     losses: list[float] = []
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
-    prompts = [_prompt_ids(tokenizer, p) for p in problems]
+    prompts = [chat_prompt_ids(tokenizer, p) for p in problems]
     order_rng = random.Random(f"{DATA_SOURCE}:sft_order:{seed}")
 
     def epoch_batches(epoch: int) -> list[list[_Example]]:
@@ -364,7 +355,7 @@ def evaluate(
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for lo in range(0, len(problems), batch_size):
-            chunk = [_prompt_ids(tokenizer, p) for p in problems[lo : lo + batch_size]]
+            chunk = [chat_prompt_ids(tokenizer, p) for p in problems[lo : lo + batch_size]]
             width = max(len(p) for p in chunk)
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(chunk), width), dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Tests for l2t_verl.assets: offline tokenizer/model/dataset construction."""
+"""Tests for l2t_verl.assets: the offline tokenizer, model and data build, its cache and its CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from l2t_verl import assets
+from l2t_verl import arith_task, assets
 from l2t_verl.scoring import compute_score
 
 SEED = 3
@@ -166,7 +166,7 @@ def test_tokenizer_basics(tokenizer) -> None:
     "text",
     [
         "Start at 7. Add 5. Multiply by 3. What is the result?",
-        assets.worked_solution("Start at 7. Add 5. Multiply by 3. Subtract 4."),
+        arith_task.worked_solution("Start at 7. Add 5. Multiply by 3. Subtract 4."),
         "unicode: héllo — 你好 🙂\n\n\ttabs  and  spaces",
         "",
     ],
@@ -275,7 +275,7 @@ def test_parquet_schema(built: dict[str, Path]) -> None:
             info = row["extra_info"]
             assert info["split"] == split and info["index"] == i
             assert 1 <= info["num_steps"] <= 6
-            assert info["tier"] == assets.difficulty_tier(info["num_steps"])
+            assert info["tier"] == arith_task.difficulty_tier(info["num_steps"])
 
 
 def test_train_and_test_are_disjoint(built: dict[str, Path]) -> None:
@@ -301,20 +301,14 @@ def test_verl_rlhf_dataset_reads_it(built: dict[str, Path], tokenizer) -> None:
     assert len(ds) == TRAIN  # nothing filtered as overlong/unprocessable
     item = ds[0]
     assert item["raw_prompt"][0]["role"] == "user"
-    assert item["reward_model"]["ground_truth"] == str(assets.solve(item["raw_prompt"]))
-
-
-def test_worked_solution_format() -> None:
-    text = assets.worked_solution("Start at 7. Add 5. Multiply by 3. Subtract 4. What is the result?")
-    assert text == "<think>\n7 + 5 = 12\n\n12 * 3 = 36\n\n36 - 4 = 32\n</think>\nThe answer is \\boxed{32}."
-    assert assets.worked_solution("Start at 12. Divide by 4.").endswith("\\boxed{3}.")
+    assert item["reward_model"]["ground_truth"] == str(arith_task.solve(item["raw_prompt"]))
 
 
 def test_worked_solutions_score_one_for_every_problem(built: dict[str, Path]) -> None:
-    rows = assets.make_problems(500, seed=11)
+    rows = arith_task.make_problems(500, seed=11)
     rows += pd.read_parquet(built["train"]).to_dict("records")  # also rows as read back from parquet
     for row in rows:
-        solution = assets.worked_solution(row)
+        solution = arith_task.worked_solution(row)
         assert solution.count("\n\n") == row["extra_info"]["num_steps"] - 1
         gt = row["reward_model"]["ground_truth"]
         assert compute_score(row["data_source"], solution, gt, row["extra_info"]) == 1.0
@@ -323,36 +317,7 @@ def test_worked_solutions_score_one_for_every_problem(built: dict[str, Path]) ->
         )
 
 
-def test_problem_invariants() -> None:
-    rows = assets.make_problems(400, seed=5, min_steps=2, max_steps=4)
-    assert len({r["prompt"][0]["content"] for r in rows}) == 400
-    assert {r["extra_info"]["num_steps"] for r in rows} == {2, 3, 4}
-    for r in rows:
-        start, ops = assets.parse_problem(r)
-        assert len(ops) == r["extra_info"]["num_steps"]
-        value = start
-        for op, k in ops:
-            value = assets._apply(op, value, k)
-            assert 0 <= value <= assets.MAX_VALUE + assets.MAX_ADDEND
-        assert str(value) == r["reward_model"]["ground_truth"]
-    tiers = {assets.difficulty_tier(n) for n in range(1, 7)}
-    assert tiers == {1, 2, 3, 4}
-
-
-def test_make_problems_impossible_request_fails_fast() -> None:
-    with pytest.raises(RuntimeError, match="distinct problems"):
-        assets.make_problems(100_000, seed=0, min_steps=1, max_steps=1)
-    with pytest.raises(ValueError):
-        assets.make_problems(1, seed=0, min_steps=3, max_steps=2)
-
-
 # ------------------------------------------------------------------------------- determinism
-
-
-def test_problems_deterministic() -> None:
-    assert assets.make_problems(50, seed=7) == assets.make_problems(50, seed=7)
-    assert assets.make_problems(50, seed=7) != assets.make_problems(50, seed=8)
-    assert assets.make_problems(50, seed=7, split="train") != assets.make_problems(50, seed=7, split="test")
 
 
 def test_build_all_deterministic(built: dict[str, Path], tmp_path: Path) -> None:
@@ -366,10 +331,3 @@ def test_build_all_deterministic(built: dict[str, Path], tmp_path: Path) -> None
         "assets.json",
     ):
         assert (built["root"] / rel).read_bytes() == (again["root"] / rel).read_bytes(), rel
-
-
-def test_write_dataset_keeps_foreign_extra_info(tmp_path: Path) -> None:
-    row = assets.make_problems(1, seed=0)[0]
-    row["extra_info"] = {**row["extra_info"], "level": "Level 5"}
-    df = pd.read_parquet(assets.write_dataset([row], tmp_path / "x.parquet"))
-    assert df["extra_info"][0]["level"] == "Level 5"

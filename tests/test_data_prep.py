@@ -3,6 +3,7 @@ a valid file with the right content, bad rows are counted, and bad files fail in
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from l2t_verl import data_prep
-from l2t_verl.data_prep import INSTRUCTION, DataPrepError, omni_tier, prepare
+from l2t_verl.data_prep import DataPrepError, prepare
+from l2t_verl.data_sources import INSTRUCTION, omni_tier
 from l2t_verl.dataset import validate_dataset
 from l2t_verl.scoring import compute_score
 
@@ -210,6 +212,43 @@ def test_parquet_and_json_array_inputs(tmp_path: Path) -> None:
         assert got == expected
 
 
+def test_gzipped_humaneval_jsonl_like_the_official_file(tmp_path: Path) -> None:
+    # The official file is HumanEval.jsonl.gz; the fixture gzipped gives the same rows as the plain one.
+    gz = tmp_path / "HumanEval.jsonl.gz"
+    gz.write_bytes(gzip.compress((FIXTURES / "humaneval.jsonl").read_bytes(), mtime=0))
+    expected = rows_of(prepare("humaneval", tmp_path / "plain", FIXTURES / "humaneval.jsonl").path)
+    report = prepare("humaneval", tmp_path / "gz", gz)
+    assert rows_of(report.path) == expected
+    assert report.source == str(gz) and dict(report.skipped) == CASES["humaneval"][4]
+    # And through the CLI's entry point.
+    assert data_prep.main(["humaneval", "--output", str(tmp_path / "cli"), "--input", str(gz)]) == 0
+    assert rows_of(tmp_path / "cli" / "test.parquet") == expected
+
+
+def test_gzipped_json_array_and_csv_inputs(tmp_path: Path) -> None:
+    records = [json.loads(line) for line in (FIXTURES / "math500.jsonl").read_text().splitlines()]
+    (tmp_path / "math500.JSON.GZ").write_bytes(gzip.compress(json.dumps(records).encode()))
+    expected = rows_of(prepare("math500", tmp_path / "from_jsonl", FIXTURES / "math500.jsonl").path)
+    assert rows_of(prepare("math500", tmp_path / "from_gz", tmp_path / "math500.JSON.GZ").path) == expected
+
+    csv_gz = tmp_path / "aime.csv.gz"
+    csv_gz.write_bytes(gzip.compress((FIXTURES / "aime_1983_2024.csv").read_bytes()))
+    expected = rows_of(prepare("aime_1989_2023", tmp_path / "csv", FIXTURES / "aime_1983_2024.csv").path)
+    assert rows_of(prepare("aime_1989_2023", tmp_path / "csv_gz", csv_gz).path) == expected
+
+
+def test_json_lines_keep_unicode_line_separators_and_ignore_a_bom(tmp_path: Path) -> None:
+    # U+2028 / U+0085 are legal inside JSON strings; only "\n" ends a JSON line.
+    question = "Line one\u2028line two\x85 three: what is 1 + 1?"
+    path = tmp_path / "minerva.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + (json.dumps({"question": question, "answer": "2"}, ensure_ascii=False) + "\n").encode()
+    )
+    rows = rows_of(prepare("minerva", tmp_path / "out", path).path)
+    assert rows[0]["prompt"][0]["content"] == f"{question} {INSTRUCTION}"
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -273,6 +312,46 @@ def test_unreadable_inputs_fail_in_one_line(
 ) -> None:
     path = tmp_path / filename
     path.write_text(content)
+    with pytest.raises(DataPrepError) as info:
+        prepare("minerva", tmp_path / "out", path)
+    assert_one_line_naming(info.value, str(path), *parts)
+
+
+def _truncated_gzip() -> bytes:
+    return gzip.compress(b'{"question": "Q", "answer": "1"}\n' * 50)[:-12]
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "parts"),
+    [
+        ("plain.jsonl.gz", b'{"question": "Q", "answer": "1"}\n', ["not a readable gzip file"]),
+        ("cut.jsonl.gz", _truncated_gzip(), ["not a readable gzip file"]),
+        (
+            "broken.jsonl.gz",
+            gzip.compress(b'{"question": "Q", "answer": "1"}\n{not json\n'),
+            ["line 2", "invalid JSON"],
+        ),
+        ("table.json.gz", gzip.compress(b'{"question": ["Q"]}'), ["list of objects"]),
+        (
+            "latin1.jsonl.gz",
+            gzip.compress(b'{"question": "Q", "answer": "1"}\n{"question": "caf\xe9"}\n'),
+            ["line 2", "not UTF-8"],
+        ),
+        (
+            "latin1.jsonl",
+            b'{"question": "Q", "answer": "1"}\n{"question": "caf\xe9"}\n',
+            ["line 2", "not UTF-8"],
+        ),
+        ("rows.parquet.gz", gzip.compress(b"PAR1"), ["unsupported file type '.parquet.gz'"]),
+        ("rows.gz", gzip.compress(b"{}"), ["unsupported file type '.gz'"]),
+        ("empty.jsonl.gz", gzip.compress(b"\n"), ["no rows"]),
+    ],
+)
+def test_bad_gzipped_inputs_fail_in_one_line(
+    tmp_path: Path, filename: str, content: bytes, parts: list[str]
+) -> None:
+    path = tmp_path / filename
+    path.write_bytes(content)
     with pytest.raises(DataPrepError) as info:
         prepare("minerva", tmp_path / "out", path)
     assert_one_line_naming(info.value, str(path), *parts)

@@ -64,7 +64,7 @@ def test_breakdown_counts_the_tokens_of_each_redundant_episode(tokenizer):
 
 
 def test_sft_traces_redundancy_is_recovered(tokenizer):
-    from l2t_verl.assets import make_problems
+    from l2t_verl.arith_task import make_problems
     from l2t_verl.warm_start import is_necessary_step, sft_traces
 
     rows = make_problems(40, 0)

@@ -143,7 +143,7 @@ def test_resume_restores_the_penalty_reference(e2e_assets, tmp_path):
 
 def _start(tmp_path: Path, *overrides: str, data: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m l2t_verl.main`` as a user runs it; these faults must stop it before Ray starts."""
-    from l2t_verl.assets import make_problems, write_dataset
+    from l2t_verl.arith_task import make_problems, write_dataset
 
     if data is None:
         data = tmp_path / "train.parquet"
@@ -180,7 +180,7 @@ def test_bad_configuration_stops_with_one_line(tmp_path, override, key):
 def test_malformed_dataset_row_is_named_before_training(tmp_path):
     import pandas as pd
 
-    from l2t_verl.assets import make_problems, write_dataset
+    from l2t_verl.arith_task import make_problems, write_dataset
 
     rows = make_problems(5, 0)
     rows[3]["reward_model"] = {"style": "rule", "ground_truth": ""}

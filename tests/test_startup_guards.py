@@ -22,7 +22,8 @@ MAX_PROMPT, MAX_RESPONSE = 96, 96
 def assets(tmp_path_factory) -> Path:
     """The offline tokenizer and a random (not warm-started) tiny Qwen2, plus a few arithmetic rows:
     everything the start-up checks read, in a few seconds."""
-    from l2t_verl.assets import build_model, build_tokenizer, make_problems, tokenizer_corpus, write_dataset
+    from l2t_verl.arith_task import make_problems, write_dataset
+    from l2t_verl.assets import build_model, build_tokenizer, tokenizer_corpus
 
     root = tmp_path_factory.mktemp("startup_assets")
     tokenizer = build_tokenizer(tokenizer_corpus(0))

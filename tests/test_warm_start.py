@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from l2t_verl import assets
+from l2t_verl import arith_task, assets
 from l2t_verl import warm_start as ws
 from l2t_verl.scoring import compute_score
 
@@ -35,7 +35,7 @@ def _think_episodes(trace: str) -> list[str]:
 
 
 def _worked_steps(row: dict) -> list[str]:
-    return _think_episodes(assets.worked_solution(row))
+    return _think_episodes(arith_task.worked_solution(row))
 
 
 # ------------------------------------------------------------------------------- sft_traces
@@ -43,7 +43,7 @@ def _worked_steps(row: dict) -> list[str]:
 
 @pytest.mark.parametrize("redundant_max", [1, 2, 4])
 def test_sft_traces_structure(redundant_max: int) -> None:
-    rows = assets.make_problems(300, seed=4)
+    rows = arith_task.make_problems(300, seed=4)
     traces = ws.sft_traces(rows, seed=0, redundant_max=redundant_max)
     assert len(traces) == len(rows)
     extra_counts = collections.Counter()
@@ -56,7 +56,7 @@ def test_sft_traces_structure(redundant_max: int) -> None:
         assert 0 <= extra <= redundant_max
         extra_counts[extra] += 1
         # Each redundant episode is true given what was computed before it.
-        start, _ = assets.parse_problem(row)
+        start, _ = arith_task.parse_problem(row)
         done, value = [], start
         for episode in episodes:
             if ws.is_necessary_step(episode):
@@ -69,7 +69,7 @@ def test_sft_traces_structure(redundant_max: int) -> None:
             else:
                 assert episode == "Let me re-read the question."
         # The answer line is untouched, so the trace scores exactly like the worked solution.
-        assert trace.endswith(assets.worked_solution(row).split("</think>")[1])
+        assert trace.endswith(arith_task.worked_solution(row).split("</think>")[1])
         gt = row["reward_model"]["ground_truth"]
         assert compute_score("l2t_arith", trace, gt) == 1.0
     # Counts are uniform on 0..redundant_max, so every count shows up in 300 draws.
@@ -80,7 +80,7 @@ def test_sft_traces_structure(redundant_max: int) -> None:
 def test_sft_traces_per_gap_redundancy(per_gap: int) -> None:
     """Every gap (before the first step, between steps, after the last) gets 0..per_gap redundant
     episodes, so redundancy grows with the number of steps and every count occurs."""
-    rows = assets.make_problems(300, seed=5, min_steps=1, max_steps=4)
+    rows = arith_task.make_problems(300, seed=5, min_steps=1, max_steps=4)
     traces = ws.sft_traces(rows, seed=1, redundant_per_gap=per_gap)
     gap_counts = collections.Counter()
     for row, trace in zip(rows, traces, strict=True):
@@ -103,12 +103,12 @@ def test_sft_traces_per_gap_redundancy(per_gap: int) -> None:
 
 
 def test_sft_traces_without_redundancy_are_worked_solutions() -> None:
-    rows = assets.make_problems(50, seed=1)
-    assert ws.sft_traces(rows, seed=3, redundant_max=0) == [assets.worked_solution(r) for r in rows]
+    rows = arith_task.make_problems(50, seed=1)
+    assert ws.sft_traces(rows, seed=3, redundant_max=0) == [arith_task.worked_solution(r) for r in rows]
 
 
 def test_sft_traces_deterministic_and_input_forms() -> None:
-    rows = assets.make_problems(40, seed=2)
+    rows = arith_task.make_problems(40, seed=2)
     assert ws.sft_traces(rows, seed=5) == ws.sft_traces(rows, seed=5)
     assert ws.sft_traces(rows, seed=5) != ws.sft_traces(rows, seed=6)
     # Raw prompt strings and message lists give the same traces as verl rows.
@@ -133,7 +133,7 @@ def _tiny_model(tokenizer, seed: int = 0):
 
 
 def test_sft_steps_reduce_loss_on_a_fixed_batch(tokenizer) -> None:
-    rows = assets.make_problems(8, seed=0)
+    rows = arith_task.make_problems(8, seed=0)
     model = _tiny_model(tokenizer)
     # One batch of all eight problems and no redundant episodes: every step sees the same batch.
     stats = ws.warm_start(
@@ -148,7 +148,7 @@ def test_sft_steps_reduce_loss_on_a_fixed_batch(tokenizer) -> None:
 
 
 def test_warm_start_deterministic_and_leaves_global_rng_alone(tokenizer) -> None:
-    rows = assets.make_problems(24, seed=1)
+    rows = arith_task.make_problems(24, seed=1)
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
@@ -167,7 +167,7 @@ def test_warm_start_deterministic_and_leaves_global_rng_alone(tokenizer) -> None
 
 
 def test_warm_start_wraps_epochs_and_validates(tokenizer) -> None:
-    rows = assets.make_problems(6, seed=3)
+    rows = arith_task.make_problems(6, seed=3)
     # 6 problems, batch 4: one full batch per epoch, so 3 steps span 3 epochs.
     stats = ws.warm_start(_tiny_model(tokenizer), tokenizer, rows, steps=3, batch_size=4)
     assert len(stats["losses"]) == 3
@@ -178,13 +178,13 @@ def test_warm_start_wraps_epochs_and_validates(tokenizer) -> None:
 
 
 def test_loss_is_on_response_tokens_only(tokenizer) -> None:
-    row = assets.make_problems(1, seed=0)[0]
-    prompt = ws._prompt_ids(tokenizer, row)
+    row = arith_task.make_problems(1, seed=0)[0]
+    prompt = ws.chat_prompt_ids(tokenizer, row)
     expected = tokenizer.apply_chat_template(
         row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False
     )
     assert prompt == list(expected)
-    response = tokenizer.encode(assets.worked_solution(row), add_special_tokens=False) + [
+    response = tokenizer.encode(arith_task.worked_solution(row), add_special_tokens=False) + [
         tokenizer.eos_token_id
     ]
     input_ids, labels = ws._collate([(prompt, response), (prompt, response[:3])], tokenizer.pad_token_id)
@@ -210,22 +210,22 @@ class _OracleModel(torch.nn.Module):
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
             prompt = self.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
             text = re.search(r"user\n(.*?)<\|im_end\|>", prompt, re.S).group(1)
-            solution = self.tokenizer.encode(assets.worked_solution(text), add_special_tokens=False)
+            solution = self.tokenizer.encode(arith_task.worked_solution(text), add_special_tokens=False)
             outs.append(ids + (solution + [eos_token_id])[:max_new_tokens])
         width = max(map(len, outs))
         return torch.tensor([o + [pad_token_id] * (width - len(o)) for o in outs])
 
 
 def test_evaluate_scores_and_counts(tokenizer) -> None:
-    rows = assets.make_problems(10, seed=9)
+    rows = arith_task.make_problems(10, seed=9)
     result = ws.evaluate_greedy(_OracleModel(tokenizer), tokenizer, rows, max_new_tokens=200, batch_size=4)
     assert result["accuracy"] == 1.0 and result["boxed_rate"] == 1.0
-    lengths = [len(tokenizer.encode(assets.worked_solution(r))) + 1 for r in rows]  # + EOS
+    lengths = [len(tokenizer.encode(arith_task.worked_solution(r))) + 1 for r in rows]  # + EOS
     assert result["mean_tokens"] == pytest.approx(sum(lengths) / len(rows))
     steps = [r["extra_info"]["num_steps"] for r in rows]
     assert result["mean_episodes"] == pytest.approx(sum(steps) / len(rows))
     assert result["accuracy_by_steps"] == {n: 1.0 for n in sorted(set(steps))}
-    assert result["responses"] == [assets.worked_solution(r) for r in rows]
+    assert result["responses"] == [arith_task.worked_solution(r) for r in rows]
 
     # Truncated before the answer: no box, no reward, and the length is the budget.
     cut = ws.evaluate_greedy(_OracleModel(tokenizer), tokenizer, rows, max_new_tokens=5)
@@ -233,7 +233,7 @@ def test_evaluate_scores_and_counts(tokenizer) -> None:
 
 
 def test_evaluate_greedy_runs_on_a_real_model_and_batching_is_invisible(tokenizer) -> None:
-    rows = assets.make_problems(6, seed=2)
+    rows = arith_task.make_problems(6, seed=2)
     model = _tiny_model(tokenizer)
     batched = ws.evaluate_greedy(model, tokenizer, rows, max_new_tokens=6, batch_size=6)
     single = ws.evaluate_greedy(model, tokenizer, rows, max_new_tokens=6, batch_size=1)
