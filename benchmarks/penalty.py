@@ -49,7 +49,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from l2t_verl.penalty import (
     LowRankUpdate,
     episode_penalties,
+    episode_penalties_by_gradients,
     episode_penalties_exact,
+    full_vocab_logprobs,
     last_layer_mlp_regex,
     select_proxy_params,
 )
@@ -99,42 +101,6 @@ def equal_episodes(ids: torch.Tensor, prompt: int, k: int) -> torch.Tensor:
     return episodes
 
 
-def exact_penalties(
-    model: torch.nn.Module,
-    update: LowRankUpdate,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    episodes: torch.Tensor,
-    damping: float,
-) -> torch.Tensor:
-    """Per-episode autograd gradients g_k, then <dW_r, g_k>^2 + damping ||dW_r||^2 (no d x d matrix)."""
-    params = dict(model.named_parameters())
-    proxy = [params[n] for n in update.names]
-    dtheta = [update.dense(n).to(params[n].device, torch.float32) for n in update.names]
-    reg = damping * update.sq_norm().float()
-    k_max = int(episodes.max()) + 1
-    out = torch.zeros(ids.shape[0], k_max, device=ids.device)
-    with torch.enable_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        targets = episodes[:, 1:]
-        for b in range(ids.shape[0]):
-            for k in range(k_max):
-                sel = targets[b] == k
-                if not sel.any():
-                    continue
-                grads = torch.autograd.grad(logp[b][sel].sum(), proxy, retain_graph=True)
-                inner = sum((g.float() * d).sum() for g, d in zip(grads, dtheta, strict=True))
-                out[b, k] = inner.square() + reg
-    return out
-
-
-def logprob_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-
-
 class Times:
     """Wall and process-CPU seconds of repeated runs of one variant."""
 
@@ -177,7 +143,7 @@ def reference_check(damping: float) -> dict:
     mask = torch.ones_like(ids)
     episodes = equal_episodes(ids, prompt=4, k=5)
     library = episode_penalties_exact(model, update, ids, mask, episodes, damping)
-    ours = exact_penalties(model, update, ids, mask, episodes, damping)
+    ours = episode_penalties_by_gradients(model, update, ids, mask, episodes, damping)
     size = sum(update.shape(n).numel() for n in update.names)
     return {"proxy_weights": size, "max_rel_err_vs_episode_penalties_exact": max_rel_err(ours, library)}
 
@@ -208,7 +174,7 @@ def memory_child(variant: str, seq: int, logit_chunk: int) -> dict:
     base = _rss_kib("VmRSS")
     start = time.perf_counter()
     if variant == "logprob_forward":
-        logprob_forward(model, ids, mask)
+        full_vocab_logprobs(model, ids, mask)
     else:
         episode_penalties(model, update, ids, mask, episodes, method=variant, logit_chunk=logit_chunk)
     return {
@@ -332,10 +298,10 @@ def main() -> None:
         return lambda: episode_penalties(model, update, ids, mask, episodes[k], args.damping, method=method)
 
     def exact(k: int) -> Callable[[], torch.Tensor]:
-        return lambda: exact_penalties(model, update, ids, mask, episodes[k], args.damping)
+        return lambda: episode_penalties_by_gradients(model, update, ids, mask, episodes[k], args.damping)
 
     # Warm-up: first calls pay allocator growth and kernel selection.
-    logprob_forward(model, ids, mask)
+    full_vocab_logprobs(model, ids, mask)
     for method in methods:
         fast(ks[0], method)()
     exact(ks[0])()
@@ -346,10 +312,10 @@ def main() -> None:
     fast_t = {(k, m): Times() for k in ks for m in methods}
     jobs = [(k, m) for k in ks for m in methods]
     for r in range(args.repeats):
-        timed(lambda: logprob_forward(model, ids, mask), args.device, fwd)
+        timed(lambda: full_vocab_logprobs(model, ids, mask), args.device, fwd)
         for k, m in jobs if r % 2 == 0 else jobs[::-1]:
             timed(fast(k, m), args.device, fast_t[(k, m)])
-        timed(lambda: logprob_forward(model, ids, mask), args.device, fwd)
+        timed(lambda: full_vocab_logprobs(model, ids, mask), args.device, fwd)
 
     # Phase 2: the exact reference, each repeat right after a forward_ad run of the same K.
     rows = []

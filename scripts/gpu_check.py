@@ -288,42 +288,6 @@ def attention_unavailable(dtype_name: str, implementation: str) -> str | None:
     return None
 
 
-def logprob_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-
-
-def exact_penalties(
-    model: torch.nn.Module,
-    update: Any,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    episodes: torch.Tensor,
-    damping: float,
-) -> torch.Tensor:
-    """Per-episode autograd gradients g_k, then <dW_r, g_k>^2 + damping ||dW_r||^2 (no d x d matrix)."""
-    params = dict(model.named_parameters())
-    proxy = [params[n] for n in update.names]
-    dtheta = [update.dense(n).to(params[n].device, torch.float32) for n in update.names]
-    reg = damping * update.sq_norm().float()
-    k_max = int(episodes.max()) + 1
-    out = torch.zeros(ids.shape[0], k_max, device=ids.device)
-    with torch.enable_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        targets = episodes[:, 1:]
-        for b in range(ids.shape[0]):
-            for k in range(k_max):
-                sel = targets[b] == k
-                if not sel.any():
-                    continue
-                grads = torch.autograd.grad(logp[b][sel].sum(), proxy, retain_graph=True)
-                inner = sum((g.float() * d).sum() for g, d in zip(grads, dtheta, strict=True))
-                out[b, k] = inner.square() + reg.to(out.device)
-    return out
-
-
 def max_rel_err(value: torch.Tensor, reference: torch.Tensor) -> float:
     held = reference != 0
     diff = (value.double().cpu() - reference.double().cpu()).abs()[held.cpu()]
@@ -491,12 +455,16 @@ def section_accuracy(check: Check) -> dict[str, Any]:
     ids, mask = random_batch(check.shape.vocab, ACC_TOKENS, check.device, seed=1)
     episodes = equal_episodes(ids, ACC_PROMPT, ACC_EPISODES)
     with attention(check.models["fp32"], "sdpa"):
-        reference = exact_penalties(check.models["fp32"], check.update, ids, mask, episodes, DAMPING)
+        reference = check.need_penalty().episode_penalties_by_gradients(
+            check.models["fp32"], check.update, ids, mask, episodes, DAMPING
+        )
     # The bf16 model's weights are the fp32 ones rounded; the exact penalty of those rounded weights
     # (in fp32) separates what the rounding moves from what bf16 arithmetic adds.
     rounded = copy.deepcopy(check.models["bf16"]).float()
     with attention(rounded, "sdpa"):
-        reference_rounded = exact_penalties(rounded, check.update, ids, mask, episodes, DAMPING)
+        reference_rounded = check.need_penalty().episode_penalties_by_gradients(
+            rounded, check.update, ids, mask, episodes, DAMPING
+        )
     del rounded
     free_memory()
     reg = DAMPING * float(check.update.sq_norm())
@@ -643,7 +611,9 @@ def perf_cell(check: Check, dtype_name: str, impl: str, tokens: int) -> Callable
         with attention(model, impl):
 
             def forward() -> dict[str, Any]:
-                timing, value = measure(check, lambda: logprob_forward(model, ids, mask))
+                timing, value = measure(
+                    check, lambda: check.need_penalty().full_vocab_logprobs(model, ids, mask)
+                )
                 return {**timing, "all_finite": bool(torch.isfinite(value).all())}
 
             record["logprob_forward"] = attempt(forward)

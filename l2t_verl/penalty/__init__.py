@@ -27,7 +27,11 @@ from l2t_verl.penalty.proxy import (
     random_layer_regex,
     select_proxy_params,
 )
-from l2t_verl.penalty.reference import episode_penalties_exact
+from l2t_verl.penalty.reference import (
+    episode_penalties_by_gradients,
+    episode_penalties_exact,
+    full_vocab_logprobs,
+)
 
 __all__ = [
     "DEFAULT_DAMPING",
@@ -38,7 +42,9 @@ __all__ = [
     "chunked_token_logprobs",
     "decoder_layer_indices",
     "episode_penalties",
+    "episode_penalties_by_gradients",
     "episode_penalties_exact",
+    "full_vocab_logprobs",
     "last_layer_mlp_regex",
     "proxy_regex",
     "random_layer_regex",

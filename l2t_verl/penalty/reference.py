@@ -22,7 +22,12 @@ from l2t_verl.penalty.batch import TokenBatch, eval_mode, prepare_batch, result_
 from l2t_verl.penalty.output_layer import token_logprobs
 from l2t_verl.penalty.proxy import DEFAULT_DAMPING, LowRankUpdate, compute_dtype
 
-__all__ = ["episode_penalties_exact", "finite_difference_derivatives"]
+__all__ = [
+    "episode_penalties_by_gradients",
+    "episode_penalties_exact",
+    "finite_difference_derivatives",
+    "full_vocab_logprobs",
+]
 
 
 @contextmanager
@@ -166,3 +171,46 @@ def episode_penalties_exact(
             fisher = torch.outer(g, g) + damping * identity
             penalties[b, k] = (dtheta @ fisher @ dtheta).detach()
     return penalties
+
+
+def episode_penalties_by_gradients(
+    model: nn.Module,
+    update: LowRankUpdate,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    episode_ids: Tensor,
+    damping: float = DEFAULT_DAMPING,
+) -> Tensor:
+    """The exact reference for proxies too large for an explicit ``d x d`` matrix: per (sample, episode)
+    one autograd backward for ``g_k``, then ``<dW_r, g_k>^2 + damping ||dW_r||^2`` (the same quadratic
+    form as :func:`episode_penalties_exact`). fp32, ``[B, K]`` with ``K = episode_ids.max() + 1``;
+    benchmarks and ``scripts/gpu_check.py`` time the fast path against it."""
+    params = dict(model.named_parameters())
+    proxy = [params[n] for n in update.names]
+    dtheta = [update.dense(n).to(params[n].device, torch.float32) for n in update.names]
+    reg = damping * update.sq_norm().float()
+    k_max = int(episode_ids.max()) + 1
+    out = torch.zeros(input_ids.shape[0], k_max, device=input_ids.device)
+    with torch.enable_grad():
+        logp = full_vocab_logprobs(model, input_ids, attention_mask, grad=True)
+        targets = episode_ids[:, 1:]
+        for b in range(input_ids.shape[0]):
+            for k in range(k_max):
+                selected = targets[b] == k
+                if not selected.any():
+                    continue
+                grads = torch.autograd.grad(logp[b][selected].sum(), proxy, retain_graph=True)
+                inner = sum((g.float() * d).sum() for g, d in zip(grads, dtheta, strict=True))
+                out[b, k] = inner.square() + reg.to(out.device)
+    return out
+
+
+def full_vocab_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, grad: bool = False
+) -> Tensor:
+    """``log pi(z_t | z_<t)`` ``[B, T-1]`` the plain way verl's log-prob forward computes it: the whole
+    ``[B, T, V]`` logits, a full-vocabulary log-softmax, a gather. The baseline the penalty's time and
+    memory are measured against."""
+    with torch.set_grad_enabled(grad):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        return torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
