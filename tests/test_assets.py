@@ -96,6 +96,7 @@ def test_cli_defaults_match_build_all() -> None:
 # ------------------------------------------------------------------------------- warm start
 
 
+@pytest.mark.slow
 def test_warm_start_build_records_settings_and_changes_the_cache_key(tmp_path: Path) -> None:
     random_paths = assets.build_all(tmp_path, seed=0, train_size=8, val_size=4, sft_steps=0)
     train_bytes = random_paths["train"].read_bytes()
@@ -132,6 +133,7 @@ def test_warm_start_build_records_settings_and_changes_the_cache_key(tmp_path: P
     assert json.loads(paths["manifest"].read_text())["sft"]["redundant_max"] == 1
 
 
+@pytest.mark.slow
 def test_warm_start_build_deterministic_and_overridable(tmp_path: Path) -> None:
     kwargs = {"seed": 0, "train_size": 8, "val_size": 4, "sft_steps": 2}
     a = assets.build_all(tmp_path / "a", **kwargs)

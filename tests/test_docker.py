@@ -193,11 +193,14 @@ def _image_path(relative: str) -> str:
 def test_recipes_are_in_the_image() -> None:
     recipes = _image_path("recipes")
     assert recipes == "/opt/l2t-verl/recipes", recipes
+    # recipes/run.sh reads the settings from the l2t_verl/ beside it: /opt/l2t-verl/l2t_verl/config
+    assert _image_path("l2t_verl") == "/opt/l2t-verl/l2t_verl"
     scripts = sorted((REPO / "recipes").glob("*/run_*.sh"))
-    assert scripts and (REPO / "recipes" / "common.sh").is_file()
+    settings = sorted((REPO / "l2t_verl" / "config" / "recipe").glob("*.yaml"))
+    assert scripts and settings and (REPO / "recipes" / "run.sh").is_file()
     patterns = _ignore_patterns()
-    for script in [*scripts, REPO / "recipes" / "common.sh"]:
-        assert not _ignored(str(script.relative_to(REPO)), patterns), script
+    for path in [*scripts, *settings, REPO / "recipes" / "run.sh"]:
+        assert not _ignored(str(path.relative_to(REPO)), patterns), path
 
 
 @pytest.mark.parametrize("path", [".venv", ".git", "assets", "outputs", "tests", "l2t_verl/__pycache__"])
@@ -289,9 +292,19 @@ def test_documented_runs_are_recipes() -> None:
     readme = _training_runs(_readme_commands(DOCKER_README))
     assert header, "the Dockerfile header shows no docker run"
     assert len(readme) >= 2, "docker/README.md should show a one-node and a Ray-cluster run"
+    config = REPO / "l2t_verl" / "config"
     for command in header + readme:
         script = _recipe_of(command)
-        assert re.fullmatch(r"run_\w+\.sh", script.name) and script.is_file(), script
+        assert script.is_file(), script
+        if script.name == "run.sh":  # recipes/run.sh SETTING VARIANT
+            words = shlex.split(command, comments=True)
+            setting, variant = words[words.index(f"/opt/l2t-verl/{script.relative_to(REPO)}") + 1 :][:2]
+            assert (config / "recipe" / f"{setting}.yaml").is_file(), command
+            assert (config / "algo" / f"{variant}.yaml").is_file() or (
+                config / "ablation" / f"{variant.removeprefix('ablation_')}.yaml"
+            ).is_file(), command
+        else:
+            assert re.fullmatch(r"run_\w+\.sh", script.name), script
 
 
 LENGTH_AND_MICRO_BATCH_KEYS = (

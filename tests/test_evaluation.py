@@ -171,6 +171,7 @@ def _scripted_eval(backend, data, name=None, **analysis):
 # --------------------------------------------------------------------------- end to end (hf backend)
 
 
+@pytest.mark.slow
 def test_report_files_exist_and_are_non_empty(e2e):
     result, out = e2e
     for name in ("result.json", "samples.jsonl", "metrics.csv", "budgets.csv", "depth.csv"):
@@ -434,6 +435,7 @@ def test_checkpoint_layouts_resolve_without_merging(assets, tmp_path):
     _one_line_error(e, "neither a HF model dir")
 
 
+@pytest.mark.slow
 def test_cli_merges_fsdp_checkpoint_evaluates_and_compares(assets, e2e, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -200,6 +200,7 @@ def _rollout_config(**overrides):
     return OmegaConf.create(cfg)
 
 
+@pytest.mark.slow
 def test_server_over_ray_generates_scores_and_takes_weight_updates(ray_session, model_dir):
     from omegaconf import OmegaConf
 

@@ -88,12 +88,11 @@ def test_no_private_name_crosses_modules() -> None:
 
 
 def test_no_module_over_500_lines() -> None:
-    long = {
-        _module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500
-    }
+    long = {_module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["l2t_verl.step", "l2t_verl.advantage", "l2t_verl.penalty"])
 def test_method_modules_import_first_without_breaking_the_plugin(module: str) -> None:
     run = subprocess.run(

@@ -29,6 +29,8 @@ from l2t_verl.settings import L2TConfig
 from l2t_verl.step import l2t_step
 from l2t_verl.worker_extension import _full
 
+pytestmark = pytest.mark.slow  # several processes / a subprocess each
+
 BATCH, PROMPT, K_MAX, RANK, DAMPING = 8, 6, 6, 4, 1e-5
 RESPONSE_LENS = [14, 9, 17, 12, 5, 16, 11, 8]
 EPISODE_ENDS = [[4, 9, 14], [9], [3, 7, 12, 17], [6, 12], [5], [2, 8, 13, 16], [4, 11], [3, 6, 8]]

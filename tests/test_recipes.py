@@ -1,9 +1,12 @@
-"""The paper recipes (recipes/): every run script resolves, with DRY_RUN=1, to the config the paper describes.
+"""The paper recipes: every setting x variant resolves, with DRY_RUN=1, to the config the paper describes.
 
-Each script runs as a subprocess with MODEL_PATH / DATA_DIR pointing nowhere (the dry run needs neither),
-and the YAML it prints is checked: the paper's hyperparameters, the algorithm its name promises, the
-recipe's model, data, rollout and cluster shape. The resolved configs also pass the start-up checks the
-real run does first (verl's validate_config, the l2t and length_penalty settings).
+A setting is l2t_verl/config/recipe/SETTING.yaml, a variant an algo (l2t, grpo, length_penalty, mrt) or
+an L2T ablation switch; `bash recipes/run.sh SETTING VARIANT` launches one, and the historical paths
+recipes/SETTING/run_VARIANT.sh are one-line wrappers of it. Each dry run is a subprocess with DATA_DIR
+pointing nowhere (the dry run needs neither data nor model), and the YAML it prints is checked: the
+paper's hyperparameters, the algorithm the variant names, the setting's model, data, rollout and cluster
+shape. The resolved configs also pass the start-up checks the real run does first (verl's
+validate_config, the l2t and length_penalty settings).
 """
 
 from __future__ import annotations
@@ -18,27 +21,57 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # a Hydra dry run (a Python start-up) per setting and variant
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-SCRIPTS = sorted(RECIPES.glob("*/run_*.sh"))
+RUN = RECIPES / "run.sh"
+CONFIG = ROOT / "l2t_verl" / "config"
 MODEL = "/nonexistent/model"
 DATA = "/nonexistent/data"
 
-# recipe -> what its scripts must resolve to
-RECIPE = {
+# setting -> what its runs must resolve to
+SETTING = {
     "deepscaler_1.5b": dict(
-        model="agentica-org/DeepScaleR-1.5B-Preview", train="aime_1989_2023", nnodes=1, batch=256, code=False
+        model="agentica-org/DeepScaleR-1.5B-Preview",
+        train="aime_1989_2023/train",
+        nnodes=1,
+        epochs=10,
+        rollout_tp=1,
+        budget=40960,
     ),
     "r1_distill_1.5b": dict(
-        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", train="numina", nnodes=1, batch=256, code=False
+        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+        train="numina/train",
+        nnodes=1,
+        epochs=2,
+        rollout_tp=1,
+        budget=40960,
     ),
+    # one prompt + response per GPU pass: a 7B model's logits are ~12 GB per 20k tokens
     "r1_distill_7b": dict(
-        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", train="numina", nnodes=2, batch=256, code=False
+        model="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+        train="numina/train",
+        nnodes=2,
+        epochs=2,
+        rollout_tp=2,
+        budget=20480,
     ),
-    # HumanEval's 164 problems cannot fill the paper's batch of 256 (documented in the script).
-    "qwen2_7b_code": dict(model="Qwen/Qwen2-7B-Instruct", train="humaneval", nnodes=1, batch=32, code=True),
+    # HumanEval's 164 problems cannot fill the paper's batch of 256 (documented in the recipe).
+    "qwen2_7b_code": dict(
+        model="Qwen/Qwen2-7B-Instruct",
+        train="humaneval/test",
+        val="humaneval/test",
+        nnodes=1,
+        epochs=10,
+        rollout_tp=2,
+        budget=20480,
+        batch=32,
+        mini_batch=8,
+        code=True,
+    ),
 }
-RUNS = {
+VARIANTS = [
     "l2t",
     "grpo",
     "length_penalty",
@@ -47,90 +80,118 @@ RUNS = {
     "ablation_no_penalty",
     "ablation_random_layers",
     "ablation_sampling",
-}
-# On code, L2T already uses the sampling estimator, and MRT-style is then the no-penalty ablation.
+]
+# On code, L2T already uses the sampling estimator, and MRT-style is then the no-penalty ablation: these
+# two runs repeat others there (run.sh still resolves them) and have no run script.
 NOT_ON_CODE = {"ablation_sampling", "ablation_no_penalty"}
-TOP_VARIABLES = (
-    "MODEL_PATH",
-    "DATA_DIR",
-    "NNODES",
-    "GPUS_PER_NODE",
-    "ROLLOUT",
-    "STRATEGY",
-    "OUTPUT_DIR",
-    "CKPT_DIR",
-    "PROJECT_NAME",
-    "EXPERIMENT_NAME",
-)
+RUNS = [
+    (setting, variant)
+    for setting, spec in SETTING.items()
+    for variant in VARIANTS
+    if not (spec.get("code") and variant in NOT_ON_CODE)
+]
+WRAPPERS = sorted(RECIPES.glob("*/run_*.sh"))
 
 
-def recipe_of(script: Path) -> str:
-    return script.parent.name
+def run_id(run: tuple[str, str]) -> str:
+    return "/".join(run)
 
 
-def run_of(script: Path) -> str:
-    return script.stem.removeprefix("run_")
+def launcher_text() -> str:
+    return RUN.read_text()
 
 
-# Every variable the scripts read from the environment, so that a developer's shell cannot leak into a test.
-RECIPE_VARIABLES = {
-    name
-    for path in [*RECIPES.rglob("*.sh"), *RECIPES.rglob("*.sbatch")]
-    for name in re.findall(r"^\s*([A-Z][A-Z0-9_]*)=\$\{\1:-", path.read_text(), re.M)
-}
+def env_keys() -> list[tuple[str, str]]:
+    """recipes/run.sh's table of environment variable -> Hydra key."""
+    table = re.search(r"^ENV_KEYS=\((.*?)^\)", launcher_text(), re.M | re.S)
+    assert table, "no ENV_KEYS table in recipes/run.sh"
+    return re.findall(r"^\s+([A-Z][A-Z0-9_]*)=([a-z0-9_.]+)$", table[1], re.M)
+
+
+def recipe_variables() -> set[str]:
+    """Every variable the recipe scripts read from the environment."""
+    read = {
+        name
+        for path in [*RECIPES.rglob("*.sh"), *RECIPES.rglob("*.sbatch")]
+        for name in re.findall(r"\$\{([A-Z][A-Z0-9_]*):-", path.read_text())
+    }
+    return read | {var for var, _ in env_keys()}
+
+
+RECIPE_VARIABLES = recipe_variables()
 
 
 def clean_environ() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in RECIPE_VARIABLES and k != "VERL_FILE_LOGGER_PATH"}
+    """The test's environment, without anything from a developer's shell that a recipe would read."""
+    return {k: v for k, v in os.environ.items() if k not in RECIPE_VARIABLES}
 
 
-def dry_run(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {
-        **clean_environ(),
-        "DRY_RUN": "1",
-        "MODEL_PATH": MODEL,
-        "DATA_DIR": DATA,
-        "PYTHON": sys.executable,
-        **env,
-    }
+def dry_run(*args: str, script: Path = RUN, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**clean_environ(), "DRY_RUN": "1", "DATA_DIR": DATA, "PYTHON": sys.executable, **env}
     return subprocess.run(
         ["bash", str(script), *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=120
     )
 
 
-def resolved(script: Path, *args: str, **env: str) -> dict:
-    proc = dry_run(script, *args, **env)
-    assert proc.returncode == 0, f"{script}: rc={proc.returncode}\n{proc.stderr[-3000:]}"
+def resolved(*args: str, script: Path = RUN, **env: str) -> dict:
+    proc = dry_run(*args, script=script, **env)
+    assert proc.returncode == 0, f"{args}: rc={proc.returncode}\n{proc.stderr[-3000:]}"
     return yaml.safe_load(proc.stdout)
 
 
+def select(config: dict, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
 @pytest.fixture(scope="module")
-def configs() -> dict[Path, dict]:
-    """The dry-run config of every script, two at a time (each is a Python start-up plus a Hydra compose)."""
+def configs() -> dict[tuple[str, str], dict]:
+    """The dry-run config of every setting x variant, two at a time (a Python start-up + a Hydra compose)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(SCRIPTS, pool.map(resolved, SCRIPTS), strict=True))
+        return dict(zip(RUNS, pool.map(lambda run: resolved(*run), RUNS), strict=True))
 
 
-def test_every_recipe_has_every_run():
-    assert {p.name for p in RECIPES.iterdir() if p.is_dir() and p.name != "cluster"} == set(RECIPE)
-    for recipe, spec in RECIPE.items():
-        expected = RUNS - NOT_ON_CODE if spec["code"] else RUNS
-        assert {run_of(s) for s in SCRIPTS if recipe_of(s) == recipe} == expected, recipe
+# --------------------------------------------------------------------------------- settings and variants
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_variables_sit_at_the_top_and_are_overridable(script):
-    text = script.read_text()
-    head = text.split("source ", 1)[0]
-    for var in TOP_VARIABLES:
-        assert re.search(rf"^{var}=\$\{{{var}:-[^}}]*\}}", head, re.M), f"{script.name}: {var} not at the top"
-    assert os.access(script, os.X_OK)
+def test_settings_and_variants_are_the_config_groups():
+    assert sorted(p.stem for p in (CONFIG / "recipe").glob("*.yaml")) == sorted(SETTING)
+    algos = [p.stem for p in (CONFIG / "algo").glob("*.yaml")]
+    ablations = [f"ablation_{p.stem}" for p in (CONFIG / "ablation").glob("*.yaml")]
+    assert sorted(algos + ablations) == sorted(VARIANTS)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_dry_run_has_the_papers_hyperparameters(configs, script):
-    c = configs[script]
-    spec = RECIPE[recipe_of(script)]
+def flat_keys(node: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in node.items():
+        if isinstance(value, dict):
+            keys |= flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def test_each_setting_is_one_file_with_the_same_keys():
+    """A setting reads whole in its file: the same keys in every one (code adds its J_r probe), and no
+    defaults but the engine's keys (recipe_engine/, shared: the FSDP2 or Megatron names of bf16 + cosine)."""
+    keys = {}
+    for setting in SETTING:
+        recipe = yaml.safe_load((CONFIG / "recipe" / f"{setting}.yaml").read_text())
+        assert recipe.pop("defaults") == [{"override /recipe_engine": "${model_engine}"}, "_self_"], setting
+        keys[setting] = flat_keys(recipe)
+    code_only = keys["qwen2_7b_code"] - keys["r1_distill_1.5b"]
+    assert code_only == {
+        f"l2t.progress.{k}" for k in ("estimator", "force_suffix", "max_answer_tokens", "timeout_s")
+    }
+    for setting in SETTING:
+        assert keys[setting] - code_only == keys["r1_distill_1.5b"], setting
+
+
+@pytest.mark.parametrize("run", RUNS, ids=run_id)
+def test_dry_run_has_the_papers_hyperparameters(configs, run):
+    setting, variant = run
+    c, spec = configs[run], SETTING[setting]
     actor = c["actor_rollout_ref"]["actor"]
     rollout = c["actor_rollout_ref"]["rollout"]
     optim = actor["optim"]
@@ -138,47 +199,52 @@ def test_dry_run_has_the_papers_hyperparameters(configs, script):
     assert optim["weight_decay"] == pytest.approx(0.01)
     assert optim["lr_scheduler_type"] == "cosine"
     assert optim["lr_warmup_steps_ratio"] == pytest.approx(0.1)
-    assert c["data"]["train_batch_size"] == spec["batch"]
+    assert c["data"]["train_batch_size"] == spec.get("batch", 256)
+    assert actor["ppo_mini_batch_size"] == spec.get("mini_batch", 64)
     assert c["data"]["max_prompt_length"] == 4096
     assert c["data"]["max_response_length"] == 16384
     assert rollout["prompt_length"] == 4096 and rollout["response_length"] == 16384
+    assert actor["ppo_max_token_len_per_gpu"] == rollout["log_prob_max_token_len_per_gpu"] == spec["budget"]
+    assert actor["use_dynamic_bsz"] and rollout["log_prob_use_dynamic_bsz"]
     assert rollout["dtype"] == "bfloat16" and actor["fsdp_config"]["dtype"] == "bfloat16"
     assert rollout["gpu_memory_utilization"] == pytest.approx(0.8)
-    assert actor["strategy"] == "fsdp2" and c["model_engine"] == "dp"
+    assert rollout["n"] == 8 and rollout["tensor_model_parallel_size"] == spec["rollout_tp"]
+    assert actor["strategy"] == "fsdp2" and c["actor_rollout_ref"]["ref"]["strategy"] == "fsdp2"
+    assert c["model_engine"] == "dp"
     assert rollout["name"] == "vllm"
-    assert c["trainer"]["nnodes"] == spec["nnodes"] and c["trainer"]["n_gpus_per_node"] == 8
-    assert c["actor_rollout_ref"]["model"]["path"] == MODEL
+    assert not actor["use_kl_loss"] and actor["entropy_coeff"] == 0
+    assert c["l2t"]["alpha"] == pytest.approx(0.8) and c["l2t"]["beta"] == pytest.approx(0.6)
+    assert c["l2t"]["penalty"]["damping"] == pytest.approx(1e-5)
+    trainer = c["trainer"]
+    assert trainer["nnodes"] == spec["nnodes"] and trainer["n_gpus_per_node"] == 8
+    assert trainer["total_epochs"] == spec["epochs"]
+    assert c["actor_rollout_ref"]["model"]["path"] == spec["model"]
     # scripts/data/prepare.py NAME --output DIR writes DIR/train.parquet (training sets) or DIR/test.parquet
-    split = "test" if spec["train"] == "humaneval" else "train"
-    assert c["data"]["train_files"] == f"{DATA}/{spec['train']}/{split}.parquet"
-    val = "humaneval" if spec["code"] else "aime24"
-    assert c["data"]["val_files"] == f"{DATA}/{val}/test.parquet"
-    assert c["trainer"]["project_name"] == f"l2t_{recipe_of(script)}"
-    assert c["trainer"]["experiment_name"] == run_of(script)
-    assert c["trainer"]["default_local_dir"] == str(
-        ROOT / "outputs" / f"l2t_{recipe_of(script)}" / run_of(script) / "checkpoints"
-    )
+    assert c["data"]["train_files"] == f"{DATA}/{spec['train']}.parquet"
+    assert c["data"]["val_files"] == f"{DATA}/{spec.get('val', 'aime24/test')}.parquet"
+    assert trainer["project_name"] == f"l2t_{setting}"
+    assert trainer["experiment_name"] == variant
+    assert trainer["default_local_dir"] == str(ROOT / "outputs" / f"l2t_{setting}" / variant / "checkpoints")
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_dry_run_is_the_algorithm_the_script_is_named_after(configs, script):
-    c = configs[script]
-    run, code = run_of(script), RECIPE[recipe_of(script)]["code"]
+@pytest.mark.parametrize("run", RUNS, ids=run_id)
+def test_dry_run_is_the_algorithm_the_variant_names(configs, run):
+    setting, variant = run
+    c, code = configs[run], SETTING[setting].get("code", False)
     adv = c["algorithm"]["adv_estimator"]
     manager = c["reward"]["reward_manager"]["name"]
     agent = c["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"]
     l2t = c["l2t"]
-    if run == "grpo":
+    if variant == "grpo":
         assert (adv, manager, agent, l2t["enable"]) == ("grpo", "naive", "single_turn_agent", False)
         return
-    if run == "length_penalty":
+    if variant == "length_penalty":
         assert (adv, manager, agent, l2t["enable"]) == ("grpo", "length_penalty", "single_turn_agent", False)
         assert c["length_penalty"] == {"coef": 0.2, "max_length": None, "correct_only": True}
         return
     assert (adv, manager, agent, c["trainer"]["v1"]["trainer_mode"]) == ("l2t", "l2t", "l2t", "l2t")
-    assert l2t["enable"] and l2t["alpha"] == pytest.approx(0.8) and l2t["beta"] == pytest.approx(0.6)
-    assert l2t["penalty"]["damping"] == pytest.approx(1e-5)
-    # docs/method.md §6: each run flips exactly its own switch(es) from the L2T defaults of its recipe
+    assert l2t["enable"]
+    # docs/method.md §6: each run flips exactly its own switch(es) from the L2T defaults of its setting
     expected = {
         "progress": True,
         "penalty": True,
@@ -193,7 +259,7 @@ def test_dry_run_is_the_algorithm_the_script_is_named_after(configs, script):
             "ablation_no_penalty": {"penalty": False},
             "ablation_random_layers": {"proxy": "random_layers"},
             "ablation_sampling": {"estimator": "sampling"},
-        }[run]
+        }[variant]
     )
     got = {
         "progress": l2t["progress"]["enable"],
@@ -217,41 +283,125 @@ def test_dry_runs_pass_the_start_up_checks_of_a_real_run(configs):
     from l2t_verl.length_penalty import check_length_penalty
     from l2t_verl.settings import L2TConfig
 
-    for script, values in configs.items():
+    for (setting, variant), values in configs.items():
         config = OmegaConf.create(values)
         l2t = L2TConfig.from_config(config)
-        assert l2t.enable == (run_of(script) not in {"grpo", "length_penalty"}), script
-        assert (check_length_penalty(config) is not None) == (run_of(script) == "length_penalty"), script
-        assert not need_critic(config) and not need_reference_policy(config), script
+        assert l2t.enable == (variant not in {"grpo", "length_penalty"}), (setting, variant)
+        assert (check_length_penalty(config) is not None) == (variant == "length_penalty"), (setting, variant)
+        assert not need_critic(config) and not need_reference_policy(config), (setting, variant)
         validate_config(config=config, use_reference_policy=False, use_critic=False)
+
+
+# ------------------------------------------------------------------------------------- the old paths
+
+
+def test_every_setting_keeps_its_run_scripts():
+    assert {p.name for p in RECIPES.iterdir() if p.is_dir() and p.name != "cluster"} == set(SETTING)
+    for setting in SETTING:
+        expected = {variant for s, variant in RUNS if s == setting}
+        assert {s.stem.removeprefix("run_") for s in WRAPPERS if s.parent.name == setting} == expected
+
+
+@pytest.mark.parametrize("script", WRAPPERS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_run_scripts_are_one_line_wrappers_of_the_launcher(script):
+    setting, variant = script.parent.name, script.stem.removeprefix("run_")
+    assert script.read_text() == (
+        f'#!/usr/bin/env bash\nexec bash "$(dirname "$0")/../run.sh" {setting} {variant} "$@"\n'
+    )
+    assert os.access(script, os.X_OK)
+
+
+def test_a_run_script_resolves_what_the_launcher_does(configs):
+    script = RECIPES / "qwen2_7b_code" / "run_mrt.sh"
+    assert resolved("trainer.save_freq=3", script=script) == {
+        **configs["qwen2_7b_code", "mrt"],
+        "trainer": {**configs["qwen2_7b_code", "mrt"]["trainer"], "save_freq": 3},
+    }
 
 
 # ------------------------------------------------------------------------ environment and CLI overrides
 
-L2T_MATH = RECIPES / "r1_distill_1.5b" / "run_l2t.sh"
+ENV_VALUES = {
+    "MODEL_PATH": ("/models/x", "/models/x"),
+    "NNODES": ("3", 3),
+    "GPUS_PER_NODE": ("4", 4),
+    "ROLLOUT": ("sglang", "sglang"),
+    "ROLLOUT_TP": ("4", 4),
+    "TOTAL_EPOCHS": ("7", 7),
+    "PROJECT_NAME": ("proj", "proj"),
+    "LR": ("2e-6", 2e-6),
+    "WEIGHT_DECAY": ("0.02", 0.02),
+    "WARMUP_RATIO": ("0.05", 0.05),
+    "TRAIN_BATCH": ("128", 128),
+    "PPO_MINI_BATCH": ("32", 32),
+    "ROLLOUT_N": ("4", 4),
+    "MAX_PROMPT_LENGTH": ("2048", 2048),
+    "MAX_RESPONSE_LENGTH": ("8192", 8192),
+    "MAX_TOKEN_LEN_PER_GPU": ("30000", 30000),
+    "LOG_PROB_MICRO_BSZ": ("2", 2),
+    "GPU_MEMORY_UTILIZATION": ("0.7", 0.7),
+    "ALPHA": ("0.5", 0.5),
+    "BETA": ("0.3", 0.3),
+    "DAMPING": ("1e-4", 1e-4),
+    "SAVE_FREQ": ("3", 3),
+    "TEST_FREQ": ("2", 2),
+    "LOGGER": ("[console]", ["console"]),
+    "SEED": ("7", 7),
+}
 
 
-def test_environment_and_hydra_overrides_reach_the_config():
+def test_every_environment_variable_reaches_its_key():
+    keys = env_keys()
+    assert {var for var, _ in keys} == set(ENV_VALUES)
     c = resolved(
-        L2T_MATH,
-        "l2t.beta=0.3",
-        "trainer.save_freq=7",
-        ROLLOUT="sglang",
-        NNODES="4",
-        GPUS_PER_NODE="4",
-        LR="2e-6",
-        EXPERIMENT_NAME="beta03",
+        "r1_distill_1.5b",
+        "ablation_random_layers",
+        "trainer.save_freq=9",
+        **{var: value for var, (value, _) in ENV_VALUES.items()},
+        DATA_DIR="rel/data",
+        EXPERIMENT_NAME="exp",
+        OUTPUT_DIR="rel/out",
+        CODE_FORCE_SUFFIX="\n```python\n",
+    )
+    for var, key in keys:
+        expected = ENV_VALUES[var][1]
+        if key == "trainer.save_freq":
+            expected = 9  # Hydra arguments win over the environment
+        if isinstance(expected, float):
+            expected = pytest.approx(expected)
+        assert select(c, key) == expected, (var, key)
+    assert c["l2t"]["penalty"]["proxy"] == "random_layers"
+    assert c["l2t"]["progress"]["force_suffix"] == "\n```python\n"
+    # local paths become absolute, against the directory the launcher runs in
+    assert c["data"]["train_files"] == str(ROOT / "rel" / "data" / "numina" / "train.parquet")
+    assert c["data"]["val_files"] == str(ROOT / "rel" / "data" / "aime24" / "test.parquet")
+    assert c["trainer"]["experiment_name"] == "exp"
+    assert c["trainer"]["default_local_dir"] == str(ROOT / "rel" / "out" / "checkpoints")
+
+
+@pytest.mark.parametrize("setting, budget", [("r1_distill_1.5b", 24576), ("r1_distill_7b", 12288)])
+def test_shorter_lengths_scale_the_token_budgets(setting, budget):
+    """MAX_RESPONSE_LENGTH alone: the budgets keep their ratio to one prompt + response (2x, 1x). And
+    the data files and checkpoints one by one."""
+    c = resolved(
+        setting,
+        "grpo",
+        MAX_RESPONSE_LENGTH="8192",
+        TRAIN_FILE="rel/t.parquet",
+        VAL_FILE="hdfs://x/v.parquet",
         CKPT_DIR="/ckpt/here",
     )
-    assert c["actor_rollout_ref"]["rollout"]["name"] == "sglang"
-    assert (c["trainer"]["nnodes"], c["trainer"]["n_gpus_per_node"]) == (4, 4)
-    assert c["actor_rollout_ref"]["actor"]["optim"]["lr"] == pytest.approx(2e-6)
-    assert c["l2t"]["beta"] == pytest.approx(0.3) and c["trainer"]["save_freq"] == 7
-    assert c["trainer"]["experiment_name"] == "beta03" and c["trainer"]["default_local_dir"] == "/ckpt/here"
+    assert c["data"]["max_response_length"] == 8192
+    assert c["actor_rollout_ref"]["actor"]["ppo_max_token_len_per_gpu"] == budget
+    assert c["actor_rollout_ref"]["rollout"]["log_prob_max_token_len_per_gpu"] == budget
+    assert c["data"]["train_files"] == str(ROOT / "rel" / "t.parquet")
+    assert c["data"]["val_files"] == "hdfs://x/v.parquet"
+    assert c["trainer"]["default_local_dir"] == "/ckpt/here"
+    assert c["trainer"]["project_name"] == f"l2t_{setting}" and c["trainer"]["experiment_name"] == "grpo"
 
 
 def test_megatron_strategy_sets_megatrons_own_keys():
-    c = resolved(RECIPES / "r1_distill_7b" / "run_grpo.sh", STRATEGY="megatron", TRAIN_TP="2")
+    c = resolved("r1_distill_7b", "grpo", STRATEGY="megatron", TRAIN_TP="2")
     actor = c["actor_rollout_ref"]["actor"]
     assert c["model_engine"] == "megatron" and actor["strategy"] == "megatron"
     assert actor["megatron"]["dtype"] == "bfloat16" and actor["megatron"]["tensor_model_parallel_size"] == 2
@@ -260,30 +410,56 @@ def test_megatron_strategy_sets_megatrons_own_keys():
     assert actor["optim"]["weight_decay"] == pytest.approx(0.01)
     assert actor["optim"]["lr"] == pytest.approx(1e-6)
     # MRT has no penalty, so it runs on megatron too
-    mrt = resolved(RECIPES / "r1_distill_7b" / "run_mrt.sh", STRATEGY="megatron")
+    mrt = resolved("r1_distill_7b", "mrt", STRATEGY="megatron")
     assert mrt["model_engine"] == "megatron"
 
 
 @pytest.mark.parametrize(
-    "script, env, key",
+    "args, env, key",
     [
         # the L2T penalty is computed on the FSDP2 engine only
-        (L2T_MATH, {"STRATEGY": "megatron"}, "STRATEGY"),
-        (L2T_MATH, {"STRATEGY": "deepspeed"}, "STRATEGY"),
-        (L2T_MATH, {"ROLLOUT": "hf"}, "ROLLOUT"),
-        (L2T_MATH, {"NNODES": "two"}, "NNODES"),
-        (L2T_MATH, {"GPUS_PER_NODE": "0"}, "GPUS_PER_NODE"),
+        (("r1_distill_1.5b", "l2t"), {"STRATEGY": "megatron"}, "STRATEGY"),
+        (("r1_distill_1.5b", "ablation_random_layers", "model_engine=megatron"), {}, "STRATEGY"),
+        (("r1_distill_1.5b", "l2t"), {"STRATEGY": "deepspeed"}, "STRATEGY"),
+        (("r1_distill_1.5b", "l2t"), {"ROLLOUT": "hf"}, "ROLLOUT"),
+        (("r1_distill_1.5b", "l2t"), {"NNODES": "two"}, "NNODES"),
+        (("r1_distill_1.5b", "l2t"), {"GPUS_PER_NODE": "0"}, "GPUS_PER_NODE"),
+        (("r1_distill_1.5b", "l2t"), {"MAX_RESPONSE_LENGTH": "8k"}, "MAX_RESPONSE_LENGTH"),
+        (("r1_distill_3b", "l2t"), {}, "SETTING"),
+        (("r1_distill_1.5b", "ablation_none"), {}, "VARIANT"),
+        (("r1_distill_1.5b", "ppo"), {}, "VARIANT"),
     ],
 )
-def test_bad_variables_are_one_line_errors_naming_them(script, env, key):
-    proc = dry_run(script, **env)
+def test_bad_variables_are_one_line_errors_naming_them(args, env, key):
+    proc = dry_run(*args, **env)
     assert proc.returncode != 0 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and "configuration error" in lines[0]
 
 
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        (("r1_distill_1.5b", "ablation_no_penalty"), {}),
+        (("r1_distill_1.5b", "l2t", "l2t.penalty.enable=false"), {}),
+        (("r1_distill_1.5b", "l2t"), {"BETA": "0"}),
+    ],
+)
+def test_runs_without_the_penalty_pass_on_megatron(args, env):
+    """Past the refusal (which comes before any Python), the launcher asks PYTHON for the recipe: a
+    PYTHON that fails stops it there, without a Hydra compose."""
+    proc = dry_run(*args, **env, STRATEGY="megatron", PYTHON="false")
+    assert proc.returncode == 2 and "could not read" in proc.stderr and "FSDP2" not in proc.stderr
+
+
+def test_usage():
+    proc = dry_run("r1_distill_1.5b")
+    assert proc.returncode == 2 and proc.stdout == "" and "usage: bash recipes/run.sh" in proc.stderr
+    assert all(name in proc.stderr for name in [*SETTING, *VARIANTS])
+
+
 def test_unknown_hydra_key_fails_the_dry_run():
-    proc = dry_run(L2T_MATH, "l2t.penalty.enabel=false")
+    proc = dry_run("r1_distill_1.5b", "l2t", "l2t.penalty.enabel=false")
     assert proc.returncode != 0 and "enabel" in proc.stderr
 
 
@@ -318,14 +494,8 @@ def test_sbatch_directives_parse():
 
 
 def test_sbatch_starts_ray_on_every_node_and_launches_the_recipe_with_the_allocation():
-    env = {
-        **clean_environ(),
-        "DRY_RUN": "1",
-        "HOSTS": "gpu01 gpu02 gpu03",
-        "MODEL_PATH": MODEL,
-        "DATA_DIR": DATA,
-    }
-    env.update(PYTHON=sys.executable, GPUS_PER_NODE="4", RECIPE="recipes/deepscaler_1.5b/run_l2t.sh")
+    env = {**clean_environ(), "DRY_RUN": "1", "HOSTS": "gpu01 gpu02 gpu03", "DATA_DIR": DATA}
+    env.update(PYTHON=sys.executable, GPUS_PER_NODE="4", RECIPE="recipes/run.sh deepscaler_1.5b l2t")
     proc = subprocess.run(
         ["bash", str(SBATCH)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=90
     )
@@ -339,6 +509,7 @@ def test_sbatch_starts_ray_on_every_node_and_launches_the_recipe_with_the_alloca
     c = yaml.safe_load(proc.stdout)
     assert (c["trainer"]["nnodes"], c["trainer"]["n_gpus_per_node"]) == (3, 4)
     assert c["algorithm"]["adv_estimator"] == "l2t"
+    assert c["trainer"]["project_name"] == "l2t_deepscaler_1.5b"
 
 
 def test_ray_cluster_commands():
@@ -356,7 +527,17 @@ def test_ray_cluster_commands():
     assert run("bogus").returncode != 0 and run("worker").returncode != 0
 
 
-def test_readme_lists_every_run_script():
+def test_readme_lists_every_setting_run_and_variable():
     readme = (RECIPES / "README.md").read_text()
-    for script in SCRIPTS:
-        assert f"{recipe_of(script)}/{script.name}" in readme, script
+    for name in [*SETTING, *VARIANTS]:
+        assert f"`{name}`" in readme, name
+    for script in WRAPPERS:
+        assert f"{script.parent.name}/{script.name}" in readme, script
+    documented = RECIPE_VARIABLES - {"VERL_FILE_LOGGER_PATH", "TOKENIZERS_PARALLELISM"}
+    cluster_only = {
+        name
+        for path in [SBATCH, RAY_CLUSTER]
+        for name in re.findall(r"\$\{([A-Z][A-Z0-9_]*):-", path.read_text())
+    }
+    for var in documented - cluster_only:
+        assert f"`{var}`" in readme, var

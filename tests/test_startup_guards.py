@@ -198,6 +198,7 @@ def test_a_model_that_cannot_be_loaded_here_is_skipped_with_a_warning(assets, tm
     assert "could not be reached; not done: count" in caplog.text
 
 
+@pytest.mark.slow
 def test_main_stops_on_a_bad_proxy_regex_at_once_with_one_line(assets, tmp_path):
     """What a user running ``python -m l2t_verl.main`` sees: the bad regex used to surface only at the
     first penalty call, 86 s in, inside a Ray worker's traceback."""

@@ -124,6 +124,7 @@ def test_missing_file_and_column(tmp_path):
         validate_dataset(_write(tmp_path, rows))
 
 
+@pytest.mark.slow
 def test_main_stops_before_any_worker_with_one_line(tmp_path):
     data = _write(tmp_path, _rows())
     proc = subprocess.run(

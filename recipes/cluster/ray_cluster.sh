@@ -5,7 +5,7 @@
 #   bash recipes/cluster/ray_cluster.sh status               # on any node: nodes and GPUs seen
 #   bash recipes/cluster/ray_cluster.sh stop                 # on every node
 # Then run a recipe on the head node with NNODES set to the node count, e.g.
-#   NNODES=2 bash recipes/r1_distill_7b/run_l2t.sh
+#   NNODES=2 bash recipes/run.sh r1_distill_7b l2t
 # (verl's ray.init() joins the running cluster: the one started on this node, or RAY_ADDRESS).
 # Every node needs the same environment (the Docker image or .venv) and a shared file system for
 # DATA_DIR, MODEL_PATH and the recipes' OUTPUT_DIR. DRY_RUN=1 prints the ray command instead.
