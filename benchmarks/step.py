@@ -2,12 +2,13 @@
 
     python benchmarks/step.py [--steps 5] [--pairs 2] [--out outputs/benchmarks/step]
 
-The quickstart configuration (``scripts/quickstart.sh``: ``preset=cpu task=arith``, the warm-started
+The quickstart configuration (``scripts/quickstart.sh``: ``preset=tiny task=arith``, the warm-started
 offline assets, batch 8 prompts x n 4, prompt/response <= 96 tokens, lr 5e-5, no KL loss), run as
-``python -m l2t_verl.main`` in alternating runs: grpo, l2t, grpo, l2t (``--pairs`` pairs) of
-``--steps`` steps each, so that load drift on a shared machine hits both methods alike. Step 1 of
-every run is dropped (warm-up; for L2T it also has no penalty: ``reference=previous_step`` has no
-update yet). No checkpoint, no validation (``save_freq``/``test_freq`` = -1).
+``python -m l2t_verl.main`` through :mod:`l2t_verl.tiny_run` in alternating runs: grpo, l2t, grpo, l2t
+(``--pairs`` pairs) of ``--steps`` steps each, so that load drift on a shared machine hits both methods
+alike. Step 1 of every run is dropped (warm-up; for L2T it also has no penalty:
+``reference=previous_step`` has no update yet). No checkpoint, no validation (``save_freq``/``test_freq``
+= -1).
 
 Per step, from verl's ``metrics.jsonl`` (``timing_s/*`` are verl's ``marked_timer`` phases):
 
@@ -34,7 +35,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +42,10 @@ from typing import Any
 
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
+from l2t_verl import tiny_run
+
 POLL_INTERVAL_S = 0.05
+BATCH, N = 8, 4  # the quickstart's prompts per step and samples per prompt
 TARGET_RATIO = 1.6
 PHASES = ("gen", "old_log_prob", "penalty", "adv", "update_actor", "update_weights", "other")
 
@@ -56,67 +59,24 @@ class FinePollReplayBuffer(ReplayBuffer):
 
 
 def trainer_command(assets: Path, out: Path, algo: str, steps: int, fine_poll: bool) -> list[str]:
-    batch, n = 8, 4
-    command = [
-        sys.executable,
-        "-m",
-        "l2t_verl.main",
-        "preset=cpu",
-        "task=arith",
-        f"algo={algo}",
-        f"data.train_files={assets / 'data' / 'train.parquet'}",
-        f"data.val_files={assets / 'data' / 'test.parquet'}",
-        f"data.train_batch_size={batch}",
-        "data.max_prompt_length=96",
-        "data.max_response_length=96",
-        "data.seed=0",
-        f"actor_rollout_ref.model.path={assets / 'model'}",
-        f"actor_rollout_ref.rollout.n={n}",
-        "actor_rollout_ref.actor.optim.lr=5e-5",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch * n}",
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={batch * n}",
-        "actor_rollout_ref.actor.use_kl_loss=false",
-        f"trainer.total_training_steps={steps}",
+    overrides = [
         "trainer.save_freq=-1",
         "trainer.test_freq=-1",
-        f"trainer.default_local_dir={out / 'checkpoints'}",
         f"trainer.experiment_name=bench_step_{algo}",
-        "trainer.logger=[console,file]",
     ]
     if fine_poll:
         # Both trainers run as verl's sync loop, whose sampler is ReplayBuffer.
-        command += [
+        overrides += [
             f"trainer.v1.sampler.custom_sampler.path={Path(__file__).resolve()}",
             "trainer.v1.sampler.custom_sampler.name=FinePollReplayBuffer",
         ]
-    return command
+    return tiny_run.command(assets, out, algo, steps, batch=BATCH, n=N, data_seed=0, overrides=overrides)
 
 
 def run(assets: Path, out: Path, algo: str, steps: int, fine_poll: bool, timeout_s: float) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    env = dict(
-        os.environ, VERL_FILE_LOGGER_PATH=str(metrics), RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false"
-    )
-    start = time.perf_counter()
-    with (out / "train.log").open("w") as log:
-        proc = subprocess.run(
-            trainer_command(assets, out, algo, steps, fine_poll),
-            cwd=out,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=timeout_s,
-            check=False,
-        )
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = "\n".join((out / "train.log").read_text().splitlines()[-40:])
-        raise RuntimeError(f"{algo} run failed ({proc.returncode}); log {out / 'train.log'}:\n{tail}")
-    rows = [json.loads(line)["data"] for line in metrics.read_text().splitlines() if line.strip()]
-    return {"algo": algo, "wall_s": wall, "steps": rows}
+    cmd = trainer_command(assets, out, algo, steps, fine_poll)
+    finished = tiny_run.run(cmd, out, cwd=out, timeout_s=timeout_s)
+    return {"algo": algo, "wall_s": finished.wall_s, "steps": finished.steps()}
 
 
 def phases(step: dict) -> dict[str, float]:
@@ -183,7 +143,7 @@ def main() -> None:
     load_start = load()
     assets = build_all(Path(args.assets), seed=0)["root"].resolve()
     out = Path(args.out).resolve()
-    responses = 8 * 4
+    responses = BATCH * N
     runs = []
     for pair in range(args.pairs):
         for algo in ("grpo", "l2t"):

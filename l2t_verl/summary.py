@@ -29,18 +29,32 @@ STEP_KEYS = (
 PROBE_FAILURE_WARN_FRACTION = 0.05
 
 
-def read_steps(path: str | Path) -> list[dict]:
-    steps = []
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of verl's file logger (``VERL_FILE_LOGGER_PATH``), one dict per logged step: the
+    step's metrics plus ``"step"``, the step it was logged at. A missing file reads as no step.
+
+    The file is read while the trainer writes it, so an unfinished last line (no newline yet) is left
+    out; a malformed line anywhere else raises ``ValueError``, since it means the file is not verl's.
+    """
     p = Path(path)
     if not p.exists():
-        return steps
-    for line in p.read_text().splitlines():
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line being written right now
-            steps.append({"step": record.get("step"), **record.get("data", {})})
+        return []
+    text = p.read_text()
+    lines = text.split("\n")
+    steps = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            data = record["data"]
+            if not isinstance(data, dict):
+                raise TypeError(f"'data' is a {type(data).__name__}")
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            if number == len(lines):  # after the last newline: still being written
+                break
+            raise ValueError(f"{p}:{number}: not a verl file-logger record ({exc})") from None
+        steps.append({"step": record.get("step"), **data})
     return steps
 
 
@@ -56,12 +70,12 @@ def follow(path: str | Path, pid: int | None, poll_s: float = 1.0) -> None:
     """Print each new step until the process ``pid`` exits (or forever without a pid)."""
     shown = 0
     while True:
-        steps = read_steps(path)
+        steps = read_metrics(path)
         for record in steps[shown:]:
             print(format_step(record), flush=True)
         shown = len(steps)
         if pid is not None and not _alive(pid):
-            for record in read_steps(path)[shown:]:
+            for record in read_metrics(path)[shown:]:
                 print(format_step(record), flush=True)
             return
         time.sleep(poll_s)
@@ -100,7 +114,7 @@ def summarize(
     checkpoint_dir: str | None = None,
     log_file: str | None = None,
 ) -> str:
-    steps = read_steps(path)
+    steps = read_metrics(path)
     if not steps:
         return f"no training step was logged to {path}"
     rewards = [s.get("critic/score/mean") for s in steps if s.get("critic/score/mean") is not None]

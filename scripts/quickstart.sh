@@ -2,7 +2,9 @@
 # Quickstart: set up, build the offline assets, and train a tiny model with verl's real trainer on CPU.
 #   bash scripts/quickstart.sh                 # L2T (default)
 #   ALGO=grpo bash scripts/quickstart.sh       # plain GRPO, same code path
-# Extra arguments are Hydra overrides passed to `python -m l2t_verl.main`.
+#   DRY_RUN=1 bash scripts/quickstart.sh       # print the training command, build and run nothing
+# Extra arguments are Hydra overrides passed to `python -m l2t_verl.main` (through l2t_verl.tiny_run,
+# which the tests and CPU benchmarks train with too: preset=tiny holds the settings they share).
 set -euo pipefail
 
 ALGO=${ALGO:-l2t}                    # l2t | grpo
@@ -22,33 +24,27 @@ bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
 
+run=(--assets "$ASSETS" --out "$OUT" --algo "$ALGO" --steps "$STEPS" --batch "$BATCH" --n "$N"
+  --data-seed "$SEED")
+overrides=(
+  data.max_prompt_length="$MAX_PROMPT"
+  data.max_response_length="$MAX_RESPONSE"
+  actor_rollout_ref.actor.optim.lr="$LR"
+  trainer.experiment_name="quickstart_${ALGO}"
+  "$@"
+)
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  python -m l2t_verl.tiny_run "${run[@]}" --dry-run -- "${overrides[@]}"
+  exit 0
+fi
+
 echo "[quickstart] building offline assets in $ASSETS"
 python -m l2t_verl.assets --output "$ASSETS" --seed "$SEED"
 
 rm -rf "$OUT" && mkdir -p "$OUT"
-export VERL_FILE_LOGGER_PATH="$OUT/metrics.jsonl" RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
 echo "[quickstart] training: algo=$ALGO steps=$STEPS batch=$BATCH x n=$N (log: $OUT/train.log)"
-python -m l2t_verl.main preset=cpu task=arith algo="$ALGO" \
-  data.train_files="$ASSETS/data/train.parquet" \
-  data.val_files="$ASSETS/data/test.parquet" \
-  data.train_batch_size="$BATCH" \
-  data.max_prompt_length="$MAX_PROMPT" \
-  data.max_response_length="$MAX_RESPONSE" \
-  data.seed="$SEED" \
-  actor_rollout_ref.model.path="$ASSETS/model" \
-  actor_rollout_ref.rollout.n="$N" \
-  actor_rollout_ref.actor.optim.lr="$LR" \
-  actor_rollout_ref.actor.ppo_mini_batch_size="$BATCH" \
-  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=$((BATCH * N)) \
-  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=$((BATCH * N)) \
-  actor_rollout_ref.actor.use_kl_loss=false \
-  actor_rollout_ref.actor.checkpoint.save_contents='[model,optimizer,extra,hf_model]' \
-  trainer.total_training_steps="$STEPS" \
-  trainer.save_freq="$STEPS" \
-  trainer.default_local_dir="$OUT/checkpoints" \
-  trainer.experiment_name="quickstart_${ALGO}" \
-  trainer.logger='[console,file]' \
-  "$@" > "$OUT/train.log" 2>&1 &
+# tiny_run writes the trainer's output to $OUT/train.log and its metrics to $OUT/metrics.jsonl.
+python -m l2t_verl.tiny_run "${run[@]}" -- "${overrides[@]}" &
 train_pid=$!
 python -m l2t_verl.summary "$OUT/metrics.jsonl" --follow --pid "$train_pid"
 if ! wait "$train_pid"; then

@@ -1,7 +1,7 @@
 """End to end: verl's real v1 trainer (Ray, FSDP2 engine, agent loop, reward loop, TransferQueue) on CPU.
 
-Each test launches ``python -m l2t_verl.main preset=cpu`` in a subprocess, exactly as the quickstart
-does, and reads the metrics verl's file logger wrote.
+Each test launches ``python -m l2t_verl.main preset=tiny task=arith`` in a subprocess through
+:mod:`l2t_verl.tiny_run`, as the quickstart does, and reads the metrics verl's file logger wrote.
 """
 
 from __future__ import annotations

@@ -168,6 +168,7 @@ def _start(tmp_path: Path, *overrides: str, data: Path | None = None) -> subproc
         ("actor_rollout_ref.rollout.temperature=0", "actor_rollout_ref.rollout.temperature"),
     ],
 )
+@pytest.mark.slow
 def test_bad_configuration_stops_with_one_line(tmp_path, override, key):
     # Every key's check is unit-tested in test_validation.py; this is the path a user hits.
     proc = _start(tmp_path, override)
@@ -177,6 +178,7 @@ def test_bad_configuration_stops_with_one_line(tmp_path, override, key):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_malformed_dataset_row_is_named_before_training(tmp_path):
     import pandas as pd
 

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.efficiency.redundancy import episode_breakdown
 from l2t_verl.scoring import compute_score
-from l2t_verl.warm_start import _prompt_ids
+from l2t_verl.warm_start import chat_prompt_ids as _prompt_ids
 
 # Same strings as l2t_verl/config/task/arith.yaml: Acc(k) forces the answer exactly as training's probes do.
 FORCE_SUFFIX = "\n</think>\nThe answer is \\boxed{"

@@ -11,9 +11,10 @@
 2. Checks the signal L2T trains on before any RL run (:mod:`benchmarks.efficiency.signal`): delta_J of
    necessary vs redundant episodes on the warm start's own samples.
 3. Trains every method from that warm start, per seed, with the same batch, budget, lr and number of
-   steps, each through ``python -m l2t_verl.main preset=cpu task=arith`` in a subprocess (as
-   scripts/quickstart.sh does): GRPO, L2T, the length-penalty baseline at each ``--lp-coefs``; then the
-   ablations on ``--ablation-seeds``, and any ``--extra NAME=override,override`` run.
+   steps, each through ``python -m l2t_verl.main preset=tiny task=arith`` in a subprocess
+   (:mod:`l2t_verl.tiny_run`, as scripts/quickstart.sh does): GRPO, L2T, the length-penalty baseline at
+   each ``--lp-coefs``; then the ablations on ``--ablation-seeds``, and any ``--extra NAME=override,override``
+   run.
 4. Evaluates every final HF checkpoint and the warm start on the chosen split
    (:mod:`benchmarks.efficiency.evaluate`), and writes ``results.json``, ``summary.json`` (the verdict
    against the targets, per-seed figures), ``table.md`` and PNG plots under ``--out``.
@@ -27,15 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from l2t_verl import tiny_run
+from l2t_verl.summary import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -150,7 +152,7 @@ def validation_split(paths: dict[str, Path], args: argparse.Namespace) -> Path:
     settings (the test split is only for the final report)."""
     import pandas as pd
 
-    from l2t_verl.assets import make_problems, write_dataset
+    from l2t_verl.arith_task import make_problems, write_dataset
 
     path = paths["root"] / "data" / "validation.parquet"
     if not path.exists():
@@ -164,33 +166,24 @@ def validation_split(paths: dict[str, Path], args: argparse.Namespace) -> Path:
 
 def trainer_command(run: RunSpec, args: argparse.Namespace, assets: Path, out: Path) -> list[str]:
     """``python -m l2t_verl.main`` for one run: the same batch, budget, lr and steps for every method."""
-    b, n = args.batch, args.n
-    return [
-        sys.executable, "-m", "l2t_verl.main", "preset=cpu", "task=arith", f"algo={run.algo}",
-        f"data.train_files={assets / 'data' / 'train.parquet'}",
-        f"data.val_files={assets / 'data' / 'validation.parquet'}",
-        f"data.train_batch_size={b}",
-        "data.max_prompt_length=96",
-        f"data.max_response_length={args.max_response}",
-        f"data.seed={run.seed}",
-        f"actor_rollout_ref.model.path={assets / 'model'}",
-        f"actor_rollout_ref.rollout.n={n}",
-        f"actor_rollout_ref.rollout.seed={run.seed}",
-        f"actor_rollout_ref.actor.optim.lr={args.lr}",
-        # One optimizer step per training step, so the penalty's previous-step reference is exactly
-        # the last update (docs/method.md) and both methods take the same number of updates.
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={b}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={b * n}",
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={b * n}",
-        "actor_rollout_ref.actor.use_kl_loss=false",
-        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
-        f"trainer.total_training_steps={args.steps}",
-        f"trainer.save_freq={args.steps}",
-        f"trainer.default_local_dir={out / 'ckpt'}",
-        f"trainer.experiment_name=efficiency_{run.key}",
-        "trainer.logger=[console,file]",
-        *run.overrides,
-    ]  # fmt: skip
+    return tiny_run.command(
+        assets,
+        out,
+        run.algo,
+        args.steps,
+        batch=args.batch,
+        n=args.n,
+        data_seed=run.seed,
+        val_files=assets / "data" / "validation.parquet",
+        checkpoint_dir=out / "ckpt",
+        overrides=[
+            f"data.max_response_length={args.max_response}",
+            f"actor_rollout_ref.rollout.seed={run.seed}",
+            f"actor_rollout_ref.actor.optim.lr={args.lr}",
+            f"trainer.experiment_name=efficiency_{run.key}",
+            *run.overrides,
+        ],
+    )
 
 
 def train(run: RunSpec, args: argparse.Namespace, assets: Path) -> dict[str, Any]:
@@ -202,31 +195,15 @@ def train(run: RunSpec, args: argparse.Namespace, assets: Path) -> dict[str, Any
     if hf_dir.joinpath("config.json").exists() and timing.exists():
         record.update(json.loads(timing.read_text()))
         return record
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    cmd = trainer_command(run, args, assets, out)
-    env = dict(
-        os.environ, VERL_FILE_LOGGER_PATH=str(metrics), RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false"
-    )
-    started = time.perf_counter()
     print(f"[efficiency] training {run.key} ({run.algo} {' '.join(run.overrides)})", flush=True)
-    with (out / "train.log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0 or not hf_dir.joinpath("config.json").exists():
-        tail = "\n".join((out / "train.log").read_text().splitlines()[-40:])
-        raise RuntimeError(f"training {run.key} failed (exit {proc.returncode}); log tail:\n{tail}")
+    finished = tiny_run.run(trainer_command(run, args, assets, out), out, cwd=REPO)
+    if not hf_dir.joinpath("config.json").exists():
+        raise RuntimeError(f"training {run.key} saved no {hf_dir}; log tail:\n{finished.log_tail()}")
+    wall = finished.wall_s
     timing.write_text(json.dumps({"train_wall_s": round(wall, 1)}) + "\n")
     print(f"[efficiency] {run.key} trained in {wall:.0f} s", flush=True)
     record["train_wall_s"] = round(wall, 1)
     return record
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line)["data"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.efficiency.signal --assets DIR --out outputs/efficiency/signal [--steps 2]
 
-Runs the real L2T trainer (``python -m l2t_verl.main preset=cpu task=arith algo=l2t``) from the warm
+Runs the real L2T trainer (``python -m l2t_verl.main preset=tiny task=arith algo=l2t``) from the warm
 start for ``--steps`` steps with per-sample dumps (``l2t.dump_dir``), then classifies every episode of
 the warm start's own samples from the trace format (necessary step / redundant / garbled,
 :func:`benchmarks.efficiency.redundancy.classify_episode`) and reports per class: mean ``delta_J``, mean
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 
 from benchmarks.efficiency.redundancy import classify_episode
 from benchmarks.efficiency.run import REPO, RunSpec, trainer_command
+from l2t_verl import tiny_run
 from l2t_verl.episodes import token_char_ends
 
 CLASSES = {"step": "necessary", "redundant": "redundant", "other": "garbled"}
@@ -160,13 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     assets = args.assets.resolve()
     dumps = args.out / "dumps"
     run = RunSpec("signal", "l2t", args.seed, [f"l2t.dump_dir={dumps}", *args.overrides])
-    cmd = trainer_command(run, args, assets, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(args.out / "metrics.jsonl"), RAY_DEDUP_LOGS="0")
-    with (args.out / "train.log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        sys.exit(f"signal: the L2T run failed (exit {proc.returncode}); see {args.out / 'train.log'}")
+    finished = tiny_run.run(trainer_command(run, args, assets, args.out), args.out, cwd=REPO, check=False)
+    if finished.returncode != 0:
+        sys.exit(f"signal: the L2T run failed (exit {finished.returncode}); see {finished.log}")
 
     from transformers import AutoTokenizer
 
