@@ -227,6 +227,32 @@ def set_probe_headroom(config: DictConfig, l2t, files: ModelFiles | None = None)
         )
 
 
+# Set in the launching shell, read inside Ray actors. A local cluster started by the driver inherits
+# them; the nodes of a running cluster were started elsewhere, so the job's runtime env carries them.
+FORWARDED_ENV = ("VERL_FILE_LOGGER_PATH", "VERL_PLATFORM", "TOKENIZERS_PARALLELISM", "L2T_FAULTS")
+
+
+def join_existing_cluster(config: DictConfig) -> None:
+    """Joining a running Ray cluster (``ray_kwargs.ray_init.address`` or ``RAY_ADDRESS``): its nodes
+    declare the CPUs and devices, and Ray refuses a driver that declares them again, so the resources a
+    preset sets for a local cluster (``preset=cpu``: num_cpus, num_gpus) are dropped; and the
+    environment the actors read (:data:`FORWARDED_ENV`, e.g. where the file logger writes the metrics)
+    goes into the job's runtime env, since the nodes' processes did not start from this shell."""
+    ray_init = config.get("ray_kwargs", {}).get("ray_init", {})
+    address = ray_init.get("address") or os.environ.get("RAY_ADDRESS")
+    if not address or address == "local":
+        return
+    with open_dict(config):
+        for key in ("num_cpus", "num_gpus", "resources"):
+            if key in config.ray_kwargs.ray_init:
+                del config.ray_kwargs.ray_init[key]
+        forwarded = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+        if forwarded:
+            runtime_env = config.ray_kwargs.ray_init.get("runtime_env") or {}
+            env_vars = {**forwarded, **(runtime_env.get("env_vars") or {})}
+            config.ray_kwargs.ray_init.runtime_env = {**runtime_env, "env_vars": env_vars}
+
+
 def prepare_config(config: DictConfig) -> DictConfig:
     """Fill install-dependent defaults and validate everything before a worker starts (docs/method.md §8):
     the ``l2t`` settings, the datasets (row by row), then verl's own checks."""
@@ -241,6 +267,7 @@ def prepare_config(config: DictConfig) -> DictConfig:
     with open_dict(config):
         if not config.reward.custom_reward_function.get("path"):
             config.reward.custom_reward_function.path = str(Path(__file__).parent / "scoring" / "__init__.py")
+    join_existing_cluster(config)
     l2t = L2TConfig.from_config(config)
     model_files = ModelFiles(config)
     check_method_combination(config, l2t)

@@ -476,42 +476,6 @@ def test_shell_syntax(script):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_sbatch_directives_parse():
-    lines = SBATCH.read_text().splitlines()
-    assert lines[0].startswith("#!")
-    # sbatch reads #SBATCH lines only until the first command
-    first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
-    directives = [line for line in lines if line.startswith("#SBATCH")]
-    assert directives and all(lines.index(d) < first_command for d in directives)
-    options = {}
-    for directive in directives:
-        match = re.fullmatch(r"#SBATCH --([a-z][a-z-]*)(?:=(\S+))?", directive)
-        assert match, directive
-        options[match[1]] = match[2]
-    assert {"nodes", "gpus-per-node", "ntasks-per-node", "time"} <= set(options)
-    assert int(options["nodes"]) >= 1 and int(options["gpus-per-node"]) >= 1
-    assert re.fullmatch(r"\d+:\d\d:\d\d", options["time"])
-
-
-def test_sbatch_starts_ray_on_every_node_and_launches_the_recipe_with_the_allocation():
-    env = {**clean_environ(), "DRY_RUN": "1", "HOSTS": "gpu01 gpu02 gpu03", "DATA_DIR": DATA}
-    env.update(PYTHON=sys.executable, GPUS_PER_NODE="4", RECIPE="recipes/run.sh deepscaler_1.5b l2t")
-    proc = subprocess.run(
-        ["bash", str(SBATCH)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=90
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # the steps start in the background, so they may print in any order
-    steps = sorted(line for line in proc.stderr.splitlines() if line.startswith("[dry-run] srun"))
-    assert len(steps) == 3
-    assert "-w gpu01 " in steps[0] and steps[0].endswith("ray_cluster.sh head")
-    for host, step in zip(["gpu02", "gpu03"], steps[1:], strict=True):
-        assert f"-w {host} " in step and step.endswith("ray_cluster.sh worker gpu01:6379")
-    c = yaml.safe_load(proc.stdout)
-    assert (c["trainer"]["nnodes"], c["trainer"]["n_gpus_per_node"]) == (3, 4)
-    assert c["algorithm"]["adv_estimator"] == "l2t"
-    assert c["trainer"]["project_name"] == "l2t_deepscaler_1.5b"
-
-
 def test_ray_cluster_commands():
     env = {**clean_environ(), "DRY_RUN": "1", "NUM_GPUS": "8", "NUM_CPUS": "32"}
 

@@ -227,3 +227,19 @@ def test_main_stops_on_a_bad_proxy_regex_at_once_with_one_line(assets, tmp_path)
     assert "ray" not in proc.stdout.lower()  # Ray was never started
     # Python, torch and verl imports are most of it (about 8 s on two busy cores).
     assert elapsed < 60, elapsed
+
+
+def test_joining_a_running_cluster_drops_the_local_resources_and_forwards_the_env(assets, monkeypatch):
+    from l2t_verl.main import join_existing_cluster
+
+    local = compose_config(assets)
+    join_existing_cluster(local)  # no address: a local cluster keeps the preset's resources
+    assert local.ray_kwargs.ray_init.num_gpus == 1 and local.ray_kwargs.ray_init.num_cpus == 32
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", "/shared/run/metrics.jsonl")
+    joined = compose_config(assets)
+    join_existing_cluster(joined)
+    ray_init = joined.ray_kwargs.ray_init
+    assert "num_gpus" not in ray_init and "num_cpus" not in ray_init
+    assert ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH == "/shared/run/metrics.jsonl"
