@@ -35,6 +35,7 @@ reference costs one backward per episode (B x K in all: 256 at K=64), so it gets
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -165,8 +166,6 @@ def memory_child(variant: str, seq: int, logit_chunk: int) -> dict:
     mask = torch.ones_like(ids)
     episodes = equal_episodes(ids, seq // 8, 16)
     update = random_update(model, 8, 1e-3, 2) if variant != "logprob_forward" else None
-    import gc
-
     gc.collect()
     # Reset the peak (VmHWM) to the current RSS: the peak of building the model is not the variant's.
     with open("/proc/self/clear_refs", "w") as fh:

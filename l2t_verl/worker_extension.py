@@ -44,14 +44,17 @@ PENALTY_KEY = "l2t_penalty_raw"  # output: [B, K_max] raw penalties
 L2T_STATE_FILE = "l2t_state.pt"  # in the actor's checkpoint folder: the penalty reference
 
 
-def _full(param: torch.Tensor) -> torch.Tensor:
+def _full(param: torch.Tensor, *, host: bool = False) -> torch.Tensor:
+    """An fp32 copy of the whole parameter, on its device or (``host``) in CPU memory."""
     # full_tensor() is a collective over the FSDP mesh: every rank must call it, in the same order.
     value = param.full_tensor() if isinstance(param, DTensor) else param
-    return value.detach().to(torch.float32).clone()
+    value = value.detach().to(torch.float32)
+    return _to_host(value) if host else value.clone()
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    host = tensor.to("cpu")
+    # Always a copy (a CPU tensor would otherwise be returned as is, and alias the live weight).
+    host = tensor.to("cpu", copy=True)
     return host.pin_memory() if torch.cuda.is_available() else host
 
 
@@ -104,8 +107,8 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
         )
         return select_proxy_params(module, regex)
 
-    def _l2t_snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: _full(p) for name, p in sorted(self._l2t_proxy().items())}
+    def _l2t_snapshot(self, *, host: bool = False) -> dict[str, torch.Tensor]:
+        return {name: _full(p, host=host) for name, p in sorted(self._l2t_proxy().items())}
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def compute_l2t_penalty(self, data: TensorDict) -> TensorDict:
@@ -175,5 +178,5 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
             # W_ref of the next step's penalty = P as it is before this step's optimizer update
             # (in eval mode for the same reason as in compute_l2t_penalty).
             with self.actor.engine.eval_mode():
-                self._l2t_reference = {k: _to_host(v) for k, v in self._l2t_snapshot().items()}
+                self._l2t_reference = self._l2t_snapshot(host=True)
         return super().update_actor(data)

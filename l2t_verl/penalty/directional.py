@@ -226,7 +226,7 @@ class _ReverseTap:
 
 
 @contextmanager
-def _gathered_for_backward(model: nn.Module, owners: Iterable[nn.Module]) -> Iterator[None]:
+def _gathered_for_backward(model: nn.Module, proxy_names: Iterable[str]) -> Iterator[None]:
     """Under FSDP2, the weights the backward reads (the units holding P, and the root's own: the final
     norm) are gathered again for it, then freed.
 
@@ -241,12 +241,13 @@ def _gathered_for_backward(model: nn.Module, owners: Iterable[nn.Module]) -> Ite
     except ImportError:  # torch without FSDP2
         yield
         return
-    # Every FSDP unit that contains a proxy layer: its own unit (a decoder layer) and the root.
-    owners = list(owners)
+    # Every FSDP unit that contains a proxy layer: its own unit (a decoder layer) and the root, i.e.
+    # the units whose name prefixes a proxy parameter's name.
+    names = list(proxy_names)
     units = [
         m
-        for m in model.modules()
-        if isinstance(m, FSDPModule) and any(sub is owner for sub in m.modules() for owner in owners)
+        for prefix, m in model.named_modules()
+        if isinstance(m, FSDPModule) and any(not prefix or n.startswith(prefix + ".") for n in names)
     ]
     for unit in units:
         unit.unshard()
@@ -281,7 +282,7 @@ def _reverse(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: 
     grad_hidden = torch.zeros_like(hidden)
     grad_hidden[:, :-1][batch.valid] = captured["grad"].to(hidden.dtype)
     outputs = [tap.outputs[name] for name in names]
-    with _gathered_for_backward(model, tap.owners.values()):
+    with _gathered_for_backward(model, tap.owners):
         grads = torch.autograd.grad(hidden, outputs, grad_outputs=grad_hidden, allow_unused=True)
     total = None
     for name, grad in zip(names, grads, strict=True):
