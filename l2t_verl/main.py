@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 PROBE_HEADROOM_TOKENS = 128
 """Model-length room left above prompt + response for the likelihood probes (force suffix + answer)."""
 PROBE_HEADROOM_MARGIN_TOKENS = 8
 """Slack added to a sampling probe's counted need when ``max_model_len`` is filled in by default."""
 
-# Keys whose value > 1 turns on Ulysses sequence parallelism in verl 0.9.1's FSDP engines. The ref's
+# Keys whose value > 1 turns on Ulysses sequence parallelism in verl 0.9.1's FSDP engines (read only
+# when the actor is on one: Megatron has its own sequence parallelism, along TP). The ref's
 # are included: its engine lives in the actor's process, and verl's SP patch replaces the model
 # classes' attention process-wide.
 ULYSSES_KEYS = (
@@ -30,7 +31,18 @@ ULYSSES_KEYS = (
     "actor_rollout_ref.ref.ulysses_sequence_parallel_size",
     "actor_rollout_ref.ref.fsdp_config.ulysses_sequence_parallel_size",
 )
-FUSED_KERNEL_KEYS = ("actor_rollout_ref.model.use_liger", "actor_rollout_ref.model.use_fused_kernels")
+# Keys that replace the model's forward (and with it the output layer's log-softmax the penalty
+# differentiates): Liger patches the Hugging Face model classes (FSDP engines only); verl's fused kernels
+# patch the model's forward on both engines.
+LIGER_KEY = "actor_rollout_ref.model.use_liger"
+FUSED_KERNEL_KEYS = (LIGER_KEY, "actor_rollout_ref.model.use_fused_kernels")
+
+# The actor's engine: model_engine=megatron (verl's megatron_actor.yaml) sets it to "megatron"; the
+# FSDP engines to fsdp / fsdp2.
+ACTOR_STRATEGY_KEY = "actor_rollout_ref.actor.strategy"
+MEGATRON = "megatron"
+MEGATRON_CP_KEY = "actor_rollout_ref.actor.megatron.context_parallel_size"
+MEGATRON_VPP_KEY = "actor_rollout_ref.actor.megatron.virtual_pipeline_model_parallel_size"
 
 logger = logging.getLogger("l2t_verl")
 
@@ -117,27 +129,71 @@ def check_probe_target(config: DictConfig, l2t, files: ModelFiles | None = None)
         check_answer_suffix(tokenizer, l2t.progress.answer_suffix)
 
 
+def on_megatron(config: DictConfig) -> bool:
+    """Whether the actor trains on verl's Megatron engine (``model_engine=megatron``)."""
+    return OmegaConf.select(config, ACTOR_STRATEGY_KEY, default=None) == MEGATRON
+
+
 def check_penalty_engine(config: DictConfig, l2t) -> None:
     """The actor-engine features the penalty's own forward cannot run under (docs/method.md §3)."""
-    from omegaconf import OmegaConf
-
     from l2t_verl.settings import L2TConfigError
 
     if not l2t.penalty_active:
         return
-    for key in ULYSSES_KEYS:
-        size = OmegaConf.select(config, key, default=1)
-        if size is not None and int(size) > 1:
-            raise L2TConfigError(
-                f"{key}={size} is not supported with the L2T penalty: it runs whole sequences through "
-                "a model patched for sequence-parallel all-to-alls; set it to 1 or l2t.penalty.enable=false"
-            )
+    megatron = on_megatron(config)
+    if megatron:
+        check_megatron_penalty(config, l2t)
+    else:
+        for key in ULYSSES_KEYS:
+            size = OmegaConf.select(config, key, default=1)
+            if size is not None and int(size) > 1:
+                raise L2TConfigError(
+                    f"{key}={size} is not supported with the L2T penalty: it runs whole sequences through "
+                    "a model patched for sequence-parallel all-to-alls; set it to 1 or "
+                    "l2t.penalty.enable=false"
+                )
     for key in FUSED_KERNEL_KEYS:
+        if megatron and key == LIGER_KEY:
+            continue  # Megatron's own layers: verl applies Liger on the FSDP engines only
         if OmegaConf.select(config, key, default=False):
             raise L2TConfigError(
                 f"{key}=true is not supported with the L2T penalty: the kernels replace the model's "
                 "forward and output layer, whose log-softmax the penalty differentiates; set it to false"
             )
+
+
+def check_megatron_penalty(config: DictConfig, l2t) -> None:
+    """What the penalty's Megatron backend (the reverse method through megatron-core: tensor, sequence
+    and pipeline parallel) does not run: forward-mode AD, a proxy outside the last layer, context
+    parallelism and interleaved (virtual) pipeline stages."""
+    from l2t_verl.settings import L2TConfigError
+
+    engine = f"on the Megatron engine ({ACTOR_STRATEGY_KEY}={MEGATRON})"
+    penalty = l2t.penalty
+    if penalty.method == "forward_ad":
+        raise L2TConfigError(
+            f"l2t.penalty.method=forward_ad is not supported {engine}: Megatron's layers have no "
+            "forward-mode AD rules; use method=auto or reverse"
+        )
+    if penalty.proxy == "random_layers":
+        raise L2TConfigError(
+            f"l2t.penalty.proxy=random_layers is not supported {engine}: its penalty runs the reverse "
+            "method, which needs the proxy set in the last decoder layer; use proxy=lowrank_svd, or "
+            "STRATEGY=fsdp for the random-layers ablation"
+        )
+    cp = OmegaConf.select(config, MEGATRON_CP_KEY, default=1)
+    if cp is not None and int(cp) > 1:
+        raise L2TConfigError(
+            f"{MEGATRON_CP_KEY}={cp} is not supported with the L2T penalty: its Megatron backend runs "
+            "whole sequences on each rank, not context-parallel shards; set it to 1 or "
+            "l2t.penalty.enable=false"
+        )
+    vpp = OmegaConf.select(config, MEGATRON_VPP_KEY, default=None)
+    if vpp is not None and int(vpp) > 1:
+        raise L2TConfigError(
+            f"{MEGATRON_VPP_KEY}={vpp} is not supported with the L2T penalty: its Megatron backend runs "
+            "one model chunk per pipeline stage; set it to null or l2t.penalty.enable=false"
+        )
 
 
 def check_proxy_target(config: DictConfig, l2t, files: ModelFiles | None = None) -> None:
@@ -182,6 +238,16 @@ def check_proxy_target(config: DictConfig, l2t, files: ModelFiles | None = None)
     except ValueError as exc:
         random = penalty.proxy == "random_layers" and not penalty.modules
         raise L2TConfigError(f"{'l2t.penalty.proxy' if random else 'l2t.penalty.modules'}: {exc}") from None
+    if on_megatron(config):
+        # The Megatron backend maps P's Hugging Face names onto Megatron's linears, the last layer's only.
+        from l2t_verl.penalty import decoder_layer_indices
+        from l2t_verl.penalty.megatron_layout import megatron_proxy_names
+
+        gated = any(".mlp.gate_proj." in name for name, _ in model.named_parameters())
+        try:
+            megatron_proxy_names(len(decoder_layer_indices(model)), gated=gated, modules=penalty.modules)
+        except ValueError as exc:
+            raise L2TConfigError(f"l2t.penalty.modules: {exc}") from None
 
 
 def force_suffix_tokens(force_suffix: str, tokenizer: Any | None) -> int:

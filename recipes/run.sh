@@ -14,8 +14,13 @@
 #   EXPERIMENT_NAME   the run's name (default: VARIANT)
 #   OUTPUT_DIR        train.log and metrics.jsonl (default: outputs/PROJECT_NAME/EXPERIMENT_NAME)
 #   CKPT_DIR          checkpoints (default: OUTPUT_DIR/checkpoints)
-#   STRATEGY          fsdp (verl's FSDP2 engine; the default) | megatron (model_engine=megatron), with
-#                     TRAIN_TP, Megatron's tensor parallel size
+#   STRATEGY          fsdp (verl's FSDP2 engine; the default) | megatron (model_engine=megatron)
+#   TRAIN_TP          with STRATEGY=megatron, Megatron's tensor parallel size
+#                     (actor_rollout_ref.actor.megatron.tensor_model_parallel_size; unset: verl's 1)
+#   TRAIN_PP          with STRATEGY=megatron, Megatron's pipeline parallel size
+#                     (actor_rollout_ref.actor.megatron.pipeline_model_parallel_size; unset: verl's 1).
+#                     The reference model takes the actor's sizes; the 7B settings' run_l2t_megatron.sh
+#                     default both to 2
 #   CODE_FORCE_SUFFIX the forced answer's opening for J_r (l2t.progress.force_suffix)
 #   PYTHON            the interpreter with l2t-verl installed (default: python)
 # MAX_PROMPT_LENGTH or MAX_RESPONSE_LENGTH without MAX_TOKEN_LEN_PER_GPU scale the token budgets with
@@ -56,7 +61,7 @@ ENV_KEYS=(
   SEED=data.seed
 )
 POSITIVE_INTEGERS=(
-  NNODES GPUS_PER_NODE ROLLOUT_TP TOTAL_EPOCHS TRAIN_BATCH PPO_MINI_BATCH ROLLOUT_N TRAIN_TP
+  NNODES GPUS_PER_NODE ROLLOUT_TP TOTAL_EPOCHS TRAIN_BATCH PPO_MINI_BATCH ROLLOUT_N TRAIN_TP TRAIN_PP
   MAX_PROMPT_LENGTH MAX_RESPONSE_LENGTH MAX_TOKEN_LEN_PER_GPU
 )
 # The recipes name their data files under this folder, which DATA_DIR replaces.
@@ -131,15 +136,6 @@ print(recipe["actor_rollout_ref"]["actor"]["ppo_max_token_len_per_gpu"])
 PY
 }
 
-# Whether the run computes the L2T compression penalty, from its overrides.
-penalty_on() {
-  local all=" $* "
-  [[ $all == *" algo=l2t "* ]] || return 1
-  [[ $all == *" ablation=no_penalty "* || $all == *" l2t.penalty.enable=false "* ]] && return 1
-  [[ $all =~ \ l2t\.beta=0*\.?0*\  ]] && return 1
-  return 0
-}
-
 if [[ $# -lt 2 ]]; then
   echo "usage: bash recipes/run.sh SETTING VARIANT [hydra overrides...]" >&2
   echo "  SETTING: $(names recipe)" >&2
@@ -180,14 +176,12 @@ case "${STRATEGY:-fsdp}" in
     if [[ -n ${TRAIN_TP:-} ]]; then
       overrides+=(actor_rollout_ref.actor.megatron.tensor_model_parallel_size="$TRAIN_TP")
     fi
+    if [[ -n ${TRAIN_PP:-} ]]; then
+      overrides+=(actor_rollout_ref.actor.megatron.pipeline_model_parallel_size="$TRAIN_PP")
+    fi
     ;;
   *) die "STRATEGY must be fsdp or megatron; got '$STRATEGY'" ;;
 esac
-# The penalty is computed on the FSDP2 engine's modules only; refuse rather than fail on the cluster.
-if [[ " ${overrides[*]} $* " == *" model_engine=megatron "* ]] && penalty_on "${overrides[@]}" "$@"; then
-  die "STRATEGY=megatron: the L2T compression penalty runs on the FSDP2 engine only;" \
-    "use STRATEGY=fsdp, or disable it (l2t.penalty.enable=false)"
-fi
 
 status=0
 lookup=$(recipe_lookup "$CONFIG_DIR/recipe/$setting.yaml") || status=$?

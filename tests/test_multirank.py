@@ -22,12 +22,12 @@ import torch.multiprocessing as mp
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from l2t_verl.engine_penalty import full_fp32
 from l2t_verl.episodes import episode_ids_for
 from l2t_verl.penalty import LowRankUpdate, episode_penalties, last_layer_mlp_regex, select_proxy_params
 from l2t_verl.record import SampleRecord
 from l2t_verl.settings import L2TConfig
 from l2t_verl.step import l2t_step
-from l2t_verl.worker_extension import _full
 
 pytestmark = pytest.mark.slow  # several processes / a subprocess each
 
@@ -124,7 +124,7 @@ def _rank_main(rank: int, world: int, port: int, out: str, method: str) -> None:
         fully_shard(model.lm_head, reshard_after_forward=True)
         fully_shard(model, reshard_after_forward=True)
         proxy = select_proxy_params(model, last_layer_mlp_regex(model))
-        current = {name: _full(p).double() for name, p in sorted(proxy.items())}
+        current = {name: full_fp32(p).double() for name, p in sorted(proxy.items())}
         per_rank = BATCH // world
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         penalties = _penalties(model, current, reference, rows, method)

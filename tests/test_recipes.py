@@ -91,6 +91,9 @@ RUNS = [
     if not (spec.get("code") and variant in NOT_ON_CODE)
 ]
 WRAPPERS = sorted(RECIPES.glob("*/run_*.sh"))
+# The 7B settings' L2T on verl's Megatron engine (penalty on): run.sh with STRATEGY=megatron, TP 2 x PP 2.
+MEGATRON_WRAPPERS = [script for script in WRAPPERS if script.stem.endswith("_megatron")]
+MEGATRON_SETTINGS = {"r1_distill_7b", "qwen2_7b_code"}
 
 
 def run_id(run: tuple[str, str]) -> str:
@@ -299,16 +302,66 @@ def test_every_setting_keeps_its_run_scripts():
     assert {p.name for p in RECIPES.iterdir() if p.is_dir() and p.name != "cluster"} == set(SETTING)
     for setting in SETTING:
         expected = {variant for s, variant in RUNS if s == setting}
-        assert {s.stem.removeprefix("run_") for s in WRAPPERS if s.parent.name == setting} == expected
+        plain = [s for s in WRAPPERS if s.parent.name == setting and s not in MEGATRON_WRAPPERS]
+        assert {s.stem.removeprefix("run_") for s in plain} == expected
+    assert {s.parent.name for s in MEGATRON_WRAPPERS} == MEGATRON_SETTINGS
+    assert {s.name for s in MEGATRON_WRAPPERS} == {"run_l2t_megatron.sh"}
 
 
-@pytest.mark.parametrize("script", WRAPPERS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "script", [s for s in WRAPPERS if s not in MEGATRON_WRAPPERS], ids=lambda p: f"{p.parent.name}/{p.name}"
+)
 def test_run_scripts_are_one_line_wrappers_of_the_launcher(script):
     setting, variant = script.parent.name, script.stem.removeprefix("run_")
     assert script.read_text() == (
         f'#!/usr/bin/env bash\nexec bash "$(dirname "$0")/../run.sh" {setting} {variant} "$@"\n'
     )
     assert os.access(script, os.X_OK)
+
+
+@pytest.mark.parametrize("script", MEGATRON_WRAPPERS, ids=lambda p: p.parent.name)
+def test_megatron_run_scripts_wrap_the_launcher_with_tp2_pp2(script):
+    """The same one command, with STRATEGY=megatron and the sizes as overridable defaults."""
+    lines = [line for line in script.read_text().splitlines() if not line.startswith("#")]
+    assert lines == [
+        "STRATEGY=megatron TRAIN_TP=${TRAIN_TP:-2} TRAIN_PP=${TRAIN_PP:-2} \\",
+        f'  exec bash "$(dirname "$0")/../run.sh" {script.parent.name} l2t "$@"',
+    ]
+    assert os.access(script, os.X_OK)
+
+
+@pytest.mark.parametrize(
+    "setting, env, tp",
+    [("r1_distill_7b", {}, 2), ("qwen2_7b_code", {"TRAIN_TP": "4", "STRATEGY": "fsdp"}, 4)],
+)
+def test_megatron_l2t_resolves_with_the_penalty_on_megatron(setting, env, tp):
+    """DRY_RUN=1 of <setting>/run_l2t_megatron.sh: L2T with its penalty, on model_engine=megatron, TP x PP
+    for the actor and (verl's interpolation) the reference model; TRAIN_TP overrides, STRATEGY cannot."""
+    from omegaconf import OmegaConf
+
+    from l2t_verl.main import check_penalty_engine, on_megatron
+    from l2t_verl.settings import L2TConfig
+
+    c = resolved(script=RECIPES / setting / "run_l2t_megatron.sh", **env)
+    arf = c["actor_rollout_ref"]
+    assert c["model_engine"] == "megatron"
+    assert arf["actor"]["strategy"] == arf["ref"]["strategy"] == "megatron"
+    for side in ("actor", "ref"):
+        megatron = arf[side]["megatron"]
+        assert megatron["tensor_model_parallel_size"] == tp, side
+        assert megatron["pipeline_model_parallel_size"] == 2, side
+        assert megatron["sequence_parallel"] is True, side
+        assert megatron["context_parallel_size"] == 1, side
+        assert megatron["virtual_pipeline_model_parallel_size"] is None, side
+        assert megatron["dtype"] == "bfloat16", side
+    assert arf["actor"]["optim"]["lr_decay_style"] == "cosine"
+    assert c["algorithm"]["adv_estimator"] == "l2t" and c["trainer"]["experiment_name"] == "l2t"
+    assert c["l2t"]["enable"] and c["l2t"]["penalty"]["enable"]
+    assert c["l2t"]["penalty"]["proxy"] == "lowrank_svd" and c["l2t"]["penalty"]["method"] == "auto"
+    config = OmegaConf.create(c)
+    l2t = L2TConfig.from_config(config)
+    assert l2t.penalty_active and on_megatron(config)
+    check_penalty_engine(config, l2t)  # the start-up refusals let it through
 
 
 def test_a_run_script_resolves_what_the_launcher_does(configs):
@@ -409,18 +462,20 @@ def test_megatron_strategy_sets_megatrons_own_keys():
     assert actor["optim"]["lr_warmup_steps_ratio"] == pytest.approx(0.1)
     assert actor["optim"]["weight_decay"] == pytest.approx(0.01)
     assert actor["optim"]["lr"] == pytest.approx(1e-6)
-    # MRT has no penalty, so it runs on megatron too
-    mrt = resolved("r1_distill_7b", "mrt", STRATEGY="megatron")
+    # TRAIN_PP alone; the reference model follows the actor's sizes
+    mrt = resolved("r1_distill_7b", "mrt", STRATEGY="megatron", TRAIN_PP="4")
     assert mrt["model_engine"] == "megatron"
+    ref = mrt["actor_rollout_ref"]["ref"]["megatron"]
+    assert mrt["actor_rollout_ref"]["actor"]["megatron"]["pipeline_model_parallel_size"] == 4
+    assert ref["pipeline_model_parallel_size"] == 4 and ref["tensor_model_parallel_size"] == 1
 
 
 @pytest.mark.parametrize(
     "args, env, key",
     [
-        # the L2T penalty is computed on the FSDP2 engine only
-        (("r1_distill_1.5b", "l2t"), {"STRATEGY": "megatron"}, "STRATEGY"),
-        (("r1_distill_1.5b", "ablation_random_layers", "model_engine=megatron"), {}, "STRATEGY"),
         (("r1_distill_1.5b", "l2t"), {"STRATEGY": "deepspeed"}, "STRATEGY"),
+        (("r1_distill_7b", "l2t"), {"STRATEGY": "megatron", "TRAIN_PP": "0"}, "TRAIN_PP"),
+        (("r1_distill_7b", "l2t"), {"STRATEGY": "megatron", "TRAIN_TP": "2x"}, "TRAIN_TP"),
         (("r1_distill_1.5b", "l2t"), {"ROLLOUT": "hf"}, "ROLLOUT"),
         (("r1_distill_1.5b", "l2t"), {"NNODES": "two"}, "NNODES"),
         (("r1_distill_1.5b", "l2t"), {"GPUS_PER_NODE": "0"}, "GPUS_PER_NODE"),
@@ -438,18 +493,15 @@ def test_bad_variables_are_one_line_errors_naming_them(args, env, key):
 
 
 @pytest.mark.parametrize(
-    "args, env",
-    [
-        (("r1_distill_1.5b", "ablation_no_penalty"), {}),
-        (("r1_distill_1.5b", "l2t", "l2t.penalty.enable=false"), {}),
-        (("r1_distill_1.5b", "l2t"), {"BETA": "0"}),
-    ],
+    "args", [("r1_distill_1.5b", "l2t"), ("r1_distill_1.5b", "ablation_no_penalty"), ("qwen2_7b_code", "mrt")]
 )
-def test_runs_without_the_penalty_pass_on_megatron(args, env):
-    """Past the refusal (which comes before any Python), the launcher asks PYTHON for the recipe: a
-    PYTHON that fails stops it there, without a Hydra compose."""
-    proc = dry_run(*args, **env, STRATEGY="megatron", PYTHON="false")
-    assert proc.returncode == 2 and "could not read" in proc.stderr and "FSDP2" not in proc.stderr
+def test_the_launcher_takes_megatron_with_or_without_the_penalty(args):
+    """The launcher's own checks (before any Python) pass every variant on Megatron, the penalty's
+    included (what the Megatron penalty cannot run under, l2t_verl/main.py refuses at start-up); next it
+    asks PYTHON for the recipe: a PYTHON that fails stops it there, without a Hydra compose."""
+    proc = dry_run(*args, STRATEGY="megatron", TRAIN_TP="2", TRAIN_PP="2", PYTHON="false")
+    assert proc.returncode == 2 and "could not read" in proc.stderr
+    assert "STRATEGY" not in proc.stderr
 
 
 def test_usage():

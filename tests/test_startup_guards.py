@@ -125,6 +125,97 @@ def test_engine_features_stay_allowed_without_the_penalty(assets, overrides):
     check_proxy_target(config, l2t)
 
 
+# verl's Megatron engine for the actor (and ref) on top of preset=cpu's FSDP2 settings: the guards read
+# the strategy and the megatron keys only, and refuse before anything would need megatron-core.
+MEGATRON = (
+    "model_engine=megatron",
+    "actor_rollout_ref.actor.strategy=megatron",
+    "actor_rollout_ref.ref.strategy=megatron",
+)
+
+
+@pytest.mark.parametrize(
+    "override, start",
+    [
+        (
+            "l2t.penalty.proxy=random_layers",
+            "l2t.penalty.proxy=random_layers is not supported on the Megatron engine",
+        ),
+        ("l2t.penalty.method=forward_ad", "l2t.penalty.method=forward_ad is not supported on the Megatron"),
+        (
+            "actor_rollout_ref.actor.megatron.context_parallel_size=2",
+            "actor_rollout_ref.actor.megatron.context_parallel_size=2 is not supported with the L2T penalty",
+        ),
+        (
+            "actor_rollout_ref.actor.megatron.virtual_pipeline_model_parallel_size=2",
+            "actor_rollout_ref.actor.megatron.virtual_pipeline_model_parallel_size=2 is not supported with "
+            "the L2T penalty",
+        ),
+        ("actor_rollout_ref.model.use_fused_kernels=true", "actor_rollout_ref.model.use_fused_kernels=true"),
+    ],
+)
+def test_what_the_megatron_penalty_cannot_run_is_refused(assets, override, start):
+    assert refusal(compose_config(assets, *MEGATRON, override)).startswith(start)
+
+
+def test_the_megatron_penalty_passes_the_guards_and_the_fsdp_ones_do_not_misfire(assets):
+    """TP, PP, SP, one virtual stage, method=auto|reverse pass; the FSDP engines' Ulysses and Liger keys
+    are not Megatron's, and the proxy set is checked on the Hugging Face names as on FSDP."""
+    from l2t_verl.main import check_penalty_engine, check_proxy_target, on_megatron
+
+    for overrides in (
+        [],
+        [
+            "l2t.penalty.method=reverse",
+            "actor_rollout_ref.actor.megatron.virtual_pipeline_model_parallel_size=1",
+        ],
+        [
+            "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2",
+            "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2",
+            "actor_rollout_ref.actor.megatron.sequence_parallel=true",
+            "++actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
+            "++actor_rollout_ref.ref.fsdp_config.ulysses_sequence_parallel_size=2",
+            "actor_rollout_ref.model.use_liger=true",
+        ],
+    ):
+        config = compose_config(assets, *MEGATRON, *overrides)
+        l2t = L2TConfig.from_config(config)
+        assert on_megatron(config) and l2t.penalty_active
+        check_penalty_engine(config, l2t)
+        check_proxy_target(config, l2t)
+    config = compose_config(assets, *MEGATRON, "l2t.penalty.modules=nomatch_regex_xyz")
+    with pytest.raises(L2TConfigError, match=r"^l2t\.penalty\.modules: proxy regex 'nomatch_regex_xyz'"):
+        check_proxy_target(config, L2TConfig.from_config(config))
+
+
+def test_a_megatron_proxy_outside_the_last_layer_is_refused(assets):
+    """The tiny model has 2 layers: layer 0's MLP is a valid FSDP proxy (forward_ad), not a Megatron one."""
+    from l2t_verl.main import check_proxy_target
+
+    regex = r"layers\.0\.mlp\."
+    fsdp = compose_config(assets, f"l2t.penalty.modules='{regex}'")
+    check_proxy_target(fsdp, L2TConfig.from_config(fsdp))
+    config = compose_config(assets, *MEGATRON, f"l2t.penalty.modules='{regex}'")
+    with pytest.raises(L2TConfigError, match=r"^l2t\.penalty\.modules: .*last decoder layer"):
+        check_proxy_target(config, L2TConfig.from_config(config))
+
+
+@pytest.mark.parametrize("overrides", [["l2t.penalty.enable=false"], ["algo=grpo"]])
+def test_megatron_features_stay_allowed_without_the_penalty(assets, overrides):
+    from l2t_verl.main import check_penalty_engine
+
+    config = compose_config(
+        assets,
+        *MEGATRON,
+        "l2t.penalty.proxy=random_layers",
+        "l2t.penalty.method=forward_ad",
+        "actor_rollout_ref.actor.megatron.context_parallel_size=2",
+        "actor_rollout_ref.actor.megatron.virtual_pipeline_model_parallel_size=2",
+        *overrides,
+    )
+    check_penalty_engine(config, L2TConfig.from_config(config))
+
+
 def test_sampling_probes_get_room_for_the_force_suffix_and_the_answer(assets):
     from transformers import AutoTokenizer
 

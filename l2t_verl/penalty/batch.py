@@ -17,7 +17,16 @@ from torch import Tensor, nn
 
 from l2t_verl.penalty.proxy import LowRankUpdate
 
-__all__ = ["TokenBatch", "eval_mode", "prepare_batch", "result_dtype", "segment_sum", "token_budget_groups"]
+__all__ = [
+    "TokenBatch",
+    "eval_mode",
+    "episode_penalty_values",
+    "prepare_batch",
+    "result_dtype",
+    "segment_sum",
+    "token_batch",
+    "token_budget_groups",
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,20 @@ def prepare_batch(
                 f"update for {name!r} has shape {tuple(update.shape(name))}, the parameter has "
                 f"{tuple(params[name].shape)}"
             )
+    return token_batch(input_ids, attention_mask, episode_ids, position_ids, forward_kwargs, k_max)
+
+
+def token_batch(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    episode_ids: Tensor,
+    position_ids: Tensor | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
+    k_max: int | None = None,
+) -> TokenBatch:
+    """Validate a padded batch and its episode ids (one error naming what is wrong) and locate the
+    episode tokens; :func:`prepare_batch` without the model (an engine whose parameter names differ
+    from the update's, e.g. Megatron's)."""
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
@@ -153,3 +176,10 @@ def segment_sum(values: Tensor, batch: TokenBatch) -> Tensor:
     out = values.new_zeros(batch.exists.numel())
     out.scatter_add_(0, batch.slot, values)
     return out.view_as(batch.exists)
+
+
+def episode_penalty_values(per_token: Tensor, batch: TokenBatch, reg: float) -> Tensor:
+    """``p_k = <dW_r, g_k>^2 + reg`` ``[B, K]`` from the N per-token directional derivatives (docs/method.md
+    §3), with ``reg = damping * ||dW_r||^2``; 0 in the slots of episodes a sample does not have."""
+    inner = segment_sum(per_token, batch)  # <dW_r, g_k>
+    return torch.where(batch.exists, inner.square() + reg, torch.zeros_like(inner))

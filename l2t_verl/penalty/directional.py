@@ -38,12 +38,26 @@ from l2t_verl.penalty.output_layer import (
 )
 from l2t_verl.penalty.proxy import LowRankUpdate, last_layer_mlp_regex, select_proxy_params
 
-__all__ = ["FAST_METHODS", "fast_directional_derivatives", "in_last_layer_mlp", "linear_owners"]
+__all__ = [
+    "FAST_METHODS",
+    "fast_directional_derivatives",
+    "in_last_layer_mlp",
+    "linear_owners",
+    "lowrank_contraction",
+]
 
 FAST_METHODS = ("forward_ad", "reverse", "jvp")
 
 
 _FORWARD_AD_ATTENTION = ("eager", "sdpa")
+
+
+def lowrank_contraction(gy_u: Tensor, v_x: Tensor) -> Tensor:
+    """One matrix's share of ``<dW_r, grad log p_t>`` per token: ``(gy_t^T U) . (V x_t)`` summed over the
+    rank, from ``gy_u = gy U`` and ``v_x = x V^T`` ``[..., r]`` (``dW_r = U V``, so
+    ``gy^T dW_r x = (gy^T U)(V x)``: no ``m x n`` matrix is formed). Used by every reverse-mode backend;
+    a sharded engine reduces ``gy_u`` / ``v_x`` over its tensor-parallel group first."""
+    return (gy_u * v_x).sum(-1)
 
 
 def in_last_layer_mlp(model: nn.Module, update: LowRankUpdate) -> bool:
@@ -290,7 +304,7 @@ def _reverse(model: nn.Module, update: LowRankUpdate, batch: TokenBatch, chunk: 
             continue
         u, _ = update.factors[name]
         gy = grad[:, :-1][batch.valid]
-        term = ((gy.to(u.dtype) @ u.to(gy.device)) * tap.projected[name]).sum(-1)
+        term = lowrank_contraction(gy.to(u.dtype) @ u.to(gy.device), tap.projected[name])
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(n, device=batch.input_ids.device)
 

@@ -28,7 +28,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from l2t_verl.penalty.batch import eval_mode, prepare_batch, result_dtype, segment_sum, token_budget_groups
+from l2t_verl.penalty.batch import (
+    episode_penalty_values,
+    eval_mode,
+    prepare_batch,
+    result_dtype,
+    token_budget_groups,
+)
 from l2t_verl.penalty.directional import fast_directional_derivatives, in_last_layer_mlp
 from l2t_verl.penalty.output_layer import DEFAULT_LOGIT_CHUNK
 from l2t_verl.penalty.proxy import DEFAULT_DAMPING, LowRankUpdate
@@ -135,7 +141,6 @@ def episode_penalties(
                 per_token = finite_difference_derivatives(model, update, part, logit_chunk, eps)
             else:
                 per_token = fast_directional_derivatives(model, update, part, method, logit_chunk=logit_chunk)
-            inner = segment_sum(per_token.to(dtype), part)  # <dW_r, g_k>
-            value = torch.where(part.exists, inner.square() + reg, torch.zeros_like(inner))
+            value = episode_penalty_values(per_token.to(dtype), part, reg)
             penalties[index] = value.to(penalties.device)
     return penalties

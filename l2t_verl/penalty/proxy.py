@@ -23,6 +23,7 @@ __all__ = [
     "LowRankUpdate",
     "decoder_layer_indices",
     "last_layer_mlp_regex",
+    "mlp_regex",
     "proxy_regex",
     "random_layer_regex",
     "select_proxy_params",
@@ -72,7 +73,8 @@ def decoder_layer_indices(model: nn.Module) -> list[int]:
     return sorted(found)
 
 
-def _mlp_regex(layers: list[int]) -> str:
+def mlp_regex(layers: list[int]) -> str:
+    """Regex for the MLP weights of the given decoder layers (Hugging Face names ``...layers.<i>.mlp.``)."""
     alternatives = "|".join(str(i) for i in layers)
     return rf"(?:^|\.)layers\.(?:{alternatives})\.mlp\."
 
@@ -83,7 +85,7 @@ def last_layer_mlp_regex(model: nn.Module) -> str:
     layers = decoder_layer_indices(model)
     if not layers:
         raise ValueError("no decoder layers found: no parameter name contains 'layers.<i>.'")
-    regex = _mlp_regex(layers[-1:])
+    regex = mlp_regex(layers[-1:])
     select_proxy_params(model, regex)  # fail here, with the regex in the message, if it has no MLP
     return regex
 
@@ -102,7 +104,7 @@ def random_layer_regex(model: nn.Module, fraction: float = 0.3, seed: int = 0) -
         raise ValueError("no decoder layers found: no parameter name contains 'layers.<i>.'")
     count = max(1, round(fraction * len(layers)))
     picked = sorted(random.Random(seed).sample(layers, count))
-    regex = _mlp_regex(picked)
+    regex = mlp_regex(picked)
     select_proxy_params(model, regex)
     return regex
 
@@ -238,13 +240,7 @@ class LowRankUpdate:
         ``"auto"``: exact up to :data:`EXACT_SVD_MAX_NUMEL` entries or when ``rank`` is close to
         ``min(m, n)``, randomized otherwise. ``rank`` is clipped to ``min(m, n)`` per matrix.
         """
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
-        if not current:
-            raise ValueError("no proxy matrices given")
-        if svd not in ("auto", "exact", "randomized"):
-            raise ValueError(f"unknown svd method {svd!r}; expected 'auto', 'exact' or 'randomized'")
-        factors: dict[str, tuple[Tensor, Tensor]] = {}
+        deltas: dict[str, Tensor] = {}
         for name, weight in current.items():
             if name not in reference:
                 raise KeyError(f"reference has no tensor for proxy parameter {name!r}")
@@ -254,11 +250,29 @@ class LowRankUpdate:
                     f"reference for proxy parameter {name!r} has shape {tuple(ref.shape)}, "
                     f"the parameter has {tuple(weight.shape)}"
                 )
-            if weight.ndim != 2:
-                raise ValueError(f"proxy parameter {name!r} is not 2-D (shape {tuple(weight.shape)})")
             dtype = compute_dtype(weight.dtype)
             with torch.no_grad():
-                delta = weight.detach().to(dtype) - ref.detach().to(device=weight.device, dtype=dtype)
+                deltas[name] = weight.detach().to(dtype) - ref.detach().to(device=weight.device, dtype=dtype)
+        return cls.from_deltas(deltas, rank, svd=svd, seed=seed)
+
+    @classmethod
+    def from_deltas(
+        cls, deltas: Mapping[str, Tensor], rank: int, *, svd: SvdMethod = "auto", seed: int = 0
+    ) -> LowRankUpdate:
+        """Build ``dW_r`` from the updates ``dW`` themselves (fp32 or fp64), one seeded truncated SVD per
+        matrix: every rank that holds the same ``dW`` gets the same factors."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if not deltas:
+            raise ValueError("no proxy matrices given")
+        if svd not in ("auto", "exact", "randomized"):
+            raise ValueError(f"unknown svd method {svd!r}; expected 'auto', 'exact' or 'randomized'")
+        factors: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, delta in deltas.items():
+            if delta.ndim != 2:
+                raise ValueError(f"proxy parameter {name!r} is not 2-D (shape {tuple(delta.shape)})")
+            with torch.no_grad():
+                delta = delta.detach().to(compute_dtype(delta.dtype))
                 factors[name] = _truncated_svd(delta, min(rank, *delta.shape), svd, seed)
         return cls(factors=factors, rank=rank)
 
