@@ -140,6 +140,7 @@ class MegatronPenalty:
     def __init__(self, engine: Any, settings: dict) -> None:
         from megatron.core import parallel_state as mpu
 
+        from l2t_verl.penalty.megatron import megatron_schedule
         from l2t_verl.penalty.megatron_layout import locate_proxy, megatron_proxy_names
 
         if settings.get("proxy") == "random_layers" and not settings.get("modules"):
@@ -156,6 +157,7 @@ class MegatronPenalty:
             and mpu.get_data_parallel_rank() == 0
         )
         self.master_fallbacks = 0
+        self.schedule = megatron_schedule  # what runs the forward steps: megatron-core's pipeline schedule
 
     def snapshot(self, *, host: bool = False) -> dict[str, torch.Tensor]:
         from l2t_verl.penalty.megatron_layout import fp32_master_weights, gather_hf_matrix
@@ -189,6 +191,7 @@ class MegatronPenalty:
                 k_max=int(settings["max_episodes"]),
                 position_ids=position_ids,
                 max_tokens=int(settings["max_token_len"]),
+                schedule=self.schedule,
             )
         finally:
             # The backward wrote weight gradients of the linears after P into Megatron's gradient

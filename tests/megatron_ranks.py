@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 import zlib
 from collections.abc import Callable
 
@@ -205,6 +206,45 @@ def exact_reference(model: nn.Module, dw) -> torch.Tensor:
     return out
 
 
+def backend_penalties(model: nn.Module, dw) -> dict:
+    """The actor's Megatron backend (``engine_penalty.MegatronPenalty``) as the worker drives it, on a
+    stand-in for verl's ``MegatronEngine`` (which needs CUDA) holding what the backend reads of it: the
+    model chunks, the transformer config, the optimizer (none: fp32 parameters are their own masters) and
+    ``optimizer_zero_grad``. The batch comes in verl's jagged layout."""
+    from tensordict import TensorDict
+
+    from l2t_verl.engine_penalty import MegatronPenalty
+    from l2t_verl.penalty import LowRankUpdate
+
+    zeroed = []
+    engine = types.SimpleNamespace(
+        module=[model], tf_config=model.config, optimizer=None, optimizer_zero_grad=lambda: zeroed.append(1)
+    )
+    ids, _, episodes = batch()
+    settings = {"damping": DAMPING, "max_episodes": int(episodes.max()) + 1, "max_token_len": 20}
+    backend = MegatronPenalty(engine, settings)
+    backend.schedule = cpu_schedule
+    current = backend.snapshot()
+    update = None
+    if current:  # W_ref = W_now - dW_r: the worker's rank-r SVD of the update gives dW_r back
+        reference = {n: w - dw.dense(n) for n, w in current.items()}
+        update = LowRankUpdate.from_tensors(current, reference, rank=RANK, seed=0)
+
+    def jagged(rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+    data = TensorDict(
+        {
+            "input_ids": jagged([ids[i, :n] for i, n in enumerate(LENGTHS)]),
+            "position_ids": jagged([torch.arange(n) for n in LENGTHS]),
+            "l2t_episode_ids": jagged([episodes[i, 1:n] for i, n in enumerate(LENGTHS)]),
+        },
+        batch_size=[len(LENGTHS)],
+    )
+    penalties = backend.penalties(update, data, settings)
+    return {"backend": penalties, "backend_zeroed": len(zeroed), "backend_snapshot": sorted(current)}
+
+
 def run(rank: int, world: int, port: int, tp: int, pp: int, sequence_parallel: bool, out_dir: str) -> None:
     torch.cuda.current_device = lambda: "cpu"  # see the module docstring
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -236,6 +276,7 @@ def run(rank: int, world: int, port: int, tp: int, pp: int, sequence_parallel: b
         if last:  # the HF matrices reassembled from the shards
             pieces = locate_proxy([model], PROXY)
             result["hf"] = {n: gather_hf_matrix(p, p.linear.weight.detach()) for n, p in pieces.items()}
+        result.update(backend_penalties(model, dw))
         if tp * pp == 1:
             result["exact"] = exact_reference(model, dw)
             result["fc1"] = model.decoder.layers[LAYERS - 1].mlp.linear_fc1.weight.detach().clone()

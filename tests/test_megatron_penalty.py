@@ -50,7 +50,7 @@ def unsharded(tmp_path_factory) -> dict:
 def test_unsharded_reverse_mode_matches_per_token_gradients(unsharded):
     exact = unsharded["exact"]
     assert exact.abs().max() > 1e-6  # the update moves the log-likelihood: a non-trivial comparison
-    for key in ("penalties_None", "penalties_20"):
+    for key in ("penalties_None", "penalties_20", "backend"):
         torch.testing.assert_close(unsharded[key], exact, rtol=1e-4, atol=1e-9)
     assert unsharded["grads_untouched"]
 
@@ -66,9 +66,12 @@ def test_parallel_ranks_match_unsharded(tmp_path, unsharded, tp, pp, sequence_pa
 
     ranks = _run(tmp_path, tp, pp, sequence_parallel)
     for rank in ranks:  # every rank, every stage, returns the last stage's penalties
-        for key in ("penalties_None", "penalties_20"):
+        for key in ("penalties_None", "penalties_20", "backend"):
             torch.testing.assert_close(rank[key], unsharded["exact"], rtol=1e-4, atol=1e-9)
         assert rank["grads_untouched"]
+        assert rank["backend_zeroed"] == 1  # the backend zeroed the engine's gradients after its backward
+    snapshots = [r["backend_snapshot"] for r in ranks]
+    assert snapshots.count(sorted(megatron_ranks.PROXY)) == tp  # the last stage's ranks hold P
     last = [r for r in ranks if "hf" in r]
     assert len(last) == tp
     for rank in last:  # the shards reassemble the unsharded HF matrices
