@@ -21,11 +21,25 @@ a rank-8 update of a random step, damping 1e-5:
   (``torch.cuda.max_memory_allocated``, reset before each measurement; ``extra_gib`` is the peak
   above what was allocated before the call, i.e. above the resident weights).
 
+- ``megatron`` (where megatron-core is installed): a random fp32 megatron-core GPT (hidden 1024, 4
+  layers, 16 heads / 4 query groups, MLP 2816, vocabulary 32,768; Transformer Engine's layer spec
+  where it is installed, else the local spec), a rank-8 update of the last layer's MLP in HF names,
+  4 right-padded samples of 320-512 tokens with 4 episodes each. ``megatron_episode_penalties``
+  (reverse mode, damping 0, megatron-core's own forward-only pipeline schedule) against central finite
+  differences of each episode's log-likelihood along ``dW_r`` in fp32 (and fp64), taken on a
+  local-spec model with the same weights (Transformer Engine runs fp32 GEMMs in TF32). Pass: no
+  penalty off by more than 1e-2 relative (denominators floored at 1% of the largest).
+  ``transformer_engine_path`` stays "unverified" unless the Transformer Engine model passed. Then
+  ``fp32_master_weights`` on a bf16 copy under megatron-core's ``DistributedOptimizer``: fallbacks,
+  |master - bf16| before and after one Adam step (lr 1e-6), how many masters and bf16 weights moved.
+  Runs in its own one-process torch.distributed world, torn down afterwards.
+
 Every section is guarded: an exception or OOM is recorded with its message and the script goes on.
 Once ``--budget-s`` seconds have passed, the remaining sections (and timing repeats) are skipped and
 recorded as such. The JSON is rewritten after every section, so a run killed from outside leaves
-what it had measured. ``--tiny`` runs the same code on the CPU with a tiny shape (the CI smoke test).
-Needs only torch + transformers + this repository.
+what it had measured. ``--tiny`` runs the same code on the CPU with a tiny shape (the CI smoke test;
+``megatron`` there uses the local spec, a one-stage schedule, and skips the optimizer, which needs
+CUDA). Needs only torch + transformers + this repository (+ megatron-core for ``megatron``).
 """
 
 from __future__ import annotations
@@ -597,6 +611,173 @@ def section_hf_engine(check: Check) -> dict[str, Any]:
     return record
 
 
+def megatron_helpers() -> Any:
+    """scripts/gpu_check_megatron.py, loaded by its path (this script is run from anywhere, and tests load
+    it by path too)."""
+    name = "gpu_check_megatron"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def section_megatron(check: Check) -> dict[str, Any]:
+    try:
+        mcore = importlib.import_module("megatron.core")
+    except Exception as err:
+        raise Skip(f"megatron.core is not importable ({type(err).__name__}: {err})") from None
+    from l2t_verl.penalty.megatron import megatron_episode_penalties, megatron_schedule
+    from l2t_verl.penalty.megatron_layout import megatron_proxy_names
+
+    mg = megatron_helpers()
+    device = check.device
+    cuda = device.type == "cuda"
+    shape = mg.MEGATRON_TINY if check.args.tiny else mg.MEGATRON_FULL
+    te_version = mg.transformer_engine_version()
+    spec = "transformer_engine" if cuda and te_version is not None else "local"
+    record: dict[str, Any] = {
+        "megatron_core": getattr(mcore, "__version__", None),
+        "transformer_engine": te_version,
+        "spec": spec,
+        "shape": asdict(shape),
+        # On the CPU megatron-core's own schedule cannot run (it creates CUDA tensors).
+        "schedule": "megatron_schedule" if cuda else "one-stage CPU schedule",
+        "rank": RANK,
+        "damping": 0.0,
+        "tolerance": mg.FD_TOLERANCE,
+        "error_floor": mg.ERROR_FLOOR,
+    }
+    with mg.megatron_runtime(device):
+        model, record["build_s"] = mg.timed(device, lambda: mg.build_gpt(shape, device, spec))
+        models = {spec: model}
+        if spec == "transformer_engine":
+            # The finite-difference reference runs on a local-spec twin: Transformer Engine computes fp32
+            # GEMMs in TF32 (see gpu_check_megatron's docstring).
+            models["local"] = mg.local_twin(model, shape, device)
+        reference_model = models["local"]
+        names = megatron_proxy_names(shape.layers)
+        update = mg.random_update(model, names, RANK, UPDATE_SCALE)
+        ids, mask, episodes = mg.episode_batch(shape, device)
+        k_max = shape.episodes
+        schedule = megatron_schedule if cuda else mg.one_stage_schedule
+        record.update(
+            parameters=sum(p.numel() for p in model.parameters()),
+            proxy=names,
+            update_sq_norm=float(update.sq_norm()),
+            tokens=int(mask.sum()),
+            episodes_scored=int(mg.episode_exists(mask, episodes, k_max).sum()),
+        )
+
+        reverse: dict[str, torch.Tensor] = {}
+        record["reverse"] = {}
+        for name, chunk in models.items():
+
+            def run_reverse(name: str = name, chunk: torch.nn.Module = chunk) -> dict[str, Any]:
+                value, seconds = mg.timed(
+                    device,
+                    lambda: megatron_episode_penalties(
+                        [chunk], update, ids, mask, episodes, 0.0, k_max=k_max, schedule=schedule
+                    ),
+                )
+                reverse[name] = value
+                return {
+                    "seconds": seconds,
+                    "penalties": [float(x) for x in value.flatten()],
+                    "all_finite": bool(torch.isfinite(value).all()),
+                    "grads_untouched": all(p.grad is None for p in chunk.parameters()),
+                }
+
+            record["reverse"][name] = attempt(run_reverse)
+
+        references: dict[str, torch.Tensor] = {}
+        record["finite_difference"] = {}
+        for key, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
+            if check.over_budget():
+                record["finite_difference"][key] = {"status": "skipped", "reason": check.budget_reason()}
+                continue
+
+            def run_fd(key: str = key, dtype: torch.dtype = dtype) -> dict[str, Any]:
+                with mg.in_dtype(reference_model, dtype):
+                    (value, info), seconds = mg.timed(
+                        device,
+                        lambda: mg.finite_difference_penalties(
+                            reference_model, update, names, ids, mask, episodes, k_max
+                        ),
+                    )
+                references[key] = value
+                return {"seconds": seconds, **info, "penalties": [float(x) for x in value.flatten()]}
+
+            record["finite_difference"][key] = attempt(run_fd)
+
+        pairs = {
+            f"{name}_vs_fd_{key}": (value, reference)
+            for name, value in reverse.items()
+            for key, reference in references.items()
+        }
+        if "transformer_engine" in reverse and "local" in reverse:
+            pairs["transformer_engine_vs_local"] = (reverse["transformer_engine"], reverse["local"])
+        record["comparisons"] = {
+            key: {
+                "max_rel_err": max_rel_err(value, reference),
+                "max_rel_err_floored": mg.floored_rel_err(value, reference, mg.ERROR_FLOOR),
+            }
+            for key, (value, reference) in pairs.items()
+        }
+
+        if not cuda:
+            record["masters"] = {"status": "skipped", "reason": "megatron-core's optimizers need CUDA"}
+        elif check.over_budget():
+            record["masters"] = {"status": "skipped", "reason": check.budget_reason()}
+        else:
+            record["masters"] = attempt(lambda: mg.masters_check(model, shape, device, spec))
+
+    passed, not_run = None, ""
+    if spec in reverse and "fp32" in references:
+        main = record["comparisons"][f"{spec}_vs_fd_fp32"]
+        passed = main["max_rel_err_floored"] <= mg.FD_TOLERANCE
+        record.update(
+            reverse_vs_fd_fp32_max_rel_err=main["max_rel_err"],
+            reverse_vs_fd_fp32_max_rel_err_floored=main["max_rel_err_floored"],
+            passed=passed,
+        )
+    else:
+        failed = [
+            rec
+            for rec in (record["reverse"].get(spec, {}), record["finite_difference"].get("fp32", {}))
+            if rec.get("status") != "ok"
+        ]
+        first = failed[0] if failed else {"status": "error", "error": "?"}
+        not_run = "reverse mode or the fp32 finite difference did not run: " + str(
+            first.get("error", first.get("reason"))
+        )
+        if first["status"] == "skipped":
+            record.update(status="skipped", reason=not_run)
+        else:
+            record.update(status="error", error=not_run)
+    if spec in reverse and "fp64" in references:
+        record["reverse_vs_fd_fp64_max_rel_err"] = max_rel_err(reverse[spec], references["fp64"])
+
+    if spec != "transformer_engine":
+        why = "transformer_engine is not importable" if te_version is None else "no CUDA device"
+        record["transformer_engine_path"] = f"unverified ({why}; this run used the local spec)"
+    elif passed:
+        record["transformer_engine_path"] = "verified"
+    elif passed is None:
+        record["transformer_engine_path"] = f"unverified ({not_run[:200]})"
+    else:
+        record["transformer_engine_path"] = (
+            f"unverified (reverse vs fp32 finite differences: max rel err (floored) "
+            f"{record['reverse_vs_fd_fp32_max_rel_err_floored']:.1e} > {mg.FD_TOLERANCE:g})"
+        )
+    return record
+
+
 def perf_cell(check: Check, dtype_name: str, impl: str, tokens: int) -> Callable[[], dict[str, Any]]:
     def cell() -> dict[str, Any]:
         why = attention_unavailable(dtype_name, impl)
@@ -691,7 +872,59 @@ def summary_table(check: Check) -> str:
                 )
             else:
                 lines.append(f"| {key} | {v['status']} | | |")
+    lines += megatron_summary(check.sections.get("megatron"))
     return "\n".join(lines)
+
+
+def megatron_summary(rec: dict[str, Any] | None) -> list[str]:
+    if rec is None:
+        return []
+    if rec["status"] != "ok" and "reverse" not in rec:
+        why = rec.get("reason") or rec.get("error", "")[:200]
+        return ["", f"megatron: {rec['status']}: {why}; Transformer Engine path: unverified"]
+    passed = rec.get("passed")
+    verdict = "-" if passed is None else ("pass" if passed else "FAIL")
+    lines = [
+        "",
+        f"megatron ({rec['spec']} spec, {rec['schedule']}, {rec['episodes_scored']} episodes, "
+        f"{rec['tokens']} tokens): reverse vs fp32 finite differences {verdict} at "
+        f"{rec['tolerance']:g}; Transformer Engine path: {rec['transformer_engine_path']}",
+        "",
+        "| megatron reverse | s | vs fd fp32: max rel err | floored | vs fd fp64: max rel err | floored |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rec["reverse"].items():
+        if r["status"] != "ok":
+            lines.append(f"| {name} | {r['status']} | | | | |")
+            continue
+        cells = [_fmt(r["seconds"], ".3f")]
+        for key in ("fp32", "fp64"):
+            c = rec["comparisons"].get(f"{name}_vs_fd_{key}", {})
+            cells += [_fmt(c.get("max_rel_err"), ".1e"), _fmt(c.get("max_rel_err_floored"), ".1e")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    fd = [
+        f"{key} {f['seconds']:.3f} s (h {f['step']:.1e})" if f["status"] == "ok" else f"{key} {f['status']}"
+        for key, f in rec["finite_difference"].items()
+    ]
+    lines.append(f"finite differences: {', '.join(fd)}")
+    twin = rec["comparisons"].get("transformer_engine_vs_local")
+    if twin is not None:
+        lines.append(
+            f"Transformer Engine vs local-spec reverse mode (TF32 GEMMs vs fp32): max rel err "
+            f"{twin['max_rel_err']:.1e}, floored {twin['max_rel_err_floored']:.1e}"
+        )
+    m = rec.get("masters", {})
+    if m.get("status") == "ok":
+        before, after = m["before_step"], m["after_step"]
+        lines.append(
+            f"masters: {m['fallbacks']} fallbacks; |master - bf16| {before['max_abs_master_minus_bf16']:.1e} "
+            f"before and {after['max_abs_master_minus_bf16']:.1e} after one step "
+            f"({after['beyond_bf16_rounding']} beyond bf16 rounding); the step moved "
+            f"{m['masters_changed']} of {m['numel']} masters and {m['bf16_changed']} bf16 weights"
+        )
+    else:
+        lines.append(f"masters: {m.get('status', '-')}: {m.get('reason') or m.get('error', '')[:200]}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -735,6 +968,8 @@ def main(argv: list[str] | None = None) -> int:
         ("build", lambda: section_build(check)),
         ("accuracy", lambda: section_accuracy(check)),
         ("hf_engine", lambda: section_hf_engine(check)),
+        # Before the perf cells: it tears its process group and Megatron state down again.
+        ("megatron", lambda: section_megatron(check)),
     ]
     # bf16 (what the actor runs) before fp32 and the largest T last: when the budget runs out, what
     # is skipped is what was least likely to fit anyway.

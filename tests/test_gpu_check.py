@@ -51,7 +51,13 @@ def _expected_sections() -> list[str]:
         for d in gpu_check.DTYPES
         for a in gpu_check.ATTENTIONS
     ]
-    return ["environment", "build", "accuracy", "hf_engine", *cells]
+    return ["environment", "build", "accuracy", "hf_engine", "megatron", *cells]
+
+
+def _has_megatron_core() -> bool:
+    return importlib.util.find_spec("megatron") is not None and (
+        importlib.util.find_spec("megatron.core") is not None
+    )
 
 
 def _assert_recorded(name: str, record: dict) -> None:
@@ -91,6 +97,32 @@ def test_tiny_run_records_every_section(tmp_path):
     hf = sections["hf_engine"]
     assert hf["status"] == "ok" and hf["scores_finite"] and hf["as_is_works"]
     assert hf["modes"]["as_is"]["score_fresh"]["max_abs_diff_vs_generate_logprobs"] < 1e-4
+
+    megatron = sections["megatron"]
+    if not _has_megatron_core():
+        assert megatron["status"] == "skipped" and "megatron.core" in megatron["reason"], megatron
+    else:
+        assert megatron["status"] == "ok", megatron
+        # The CPU run: local spec, a one-stage schedule, no optimizer (megatron-core's needs CUDA).
+        assert megatron["spec"] == "local" and megatron["transformer_engine_path"].startswith("unverified")
+        assert megatron["masters"]["status"] == "skipped" and "CUDA" in megatron["masters"]["reason"]
+        reverse = megatron["reverse"]["local"]
+        assert reverse["status"] == "ok" and reverse["all_finite"] and reverse["grads_untouched"]
+        shape = gpu_check.megatron_helpers().MEGATRON_TINY
+        assert len(reverse["penalties"]) == len(shape.lengths) * shape.episodes
+        assert megatron["episodes_scored"] == len(reverse["penalties"]) and min(reverse["penalties"]) > 0
+        for key in ("fp32", "fp64"):
+            assert megatron["finite_difference"][key]["status"] == "ok", megatron["finite_difference"]
+        # Reverse mode (fp32) against central finite differences: fp32 ones carry O(1e-3) noise, fp64
+        # ones leave reverse mode's own fp32 rounding.
+        assert megatron["passed"] is True
+        assert megatron["reverse_vs_fd_fp32_max_rel_err"] < 1e-2, megatron["comparisons"]
+        assert megatron["reverse_vs_fd_fp64_max_rel_err"] < 1e-3, megatron["comparisons"]
+        check = gpu_check.Check(
+            gpu_check.parse_args(["--tiny"]), tmp_path / "x.json", gpu_check.TINY, torch.device("cpu")
+        )
+        check.sections.update(sections)
+        assert "megatron (local spec" in gpu_check.summary_table(check)
 
     for name, cell in sections.items():
         if not name.startswith("perf/"):
@@ -139,3 +171,21 @@ def test_guards_record_failures_and_go_on(tmp_path):
 
     skipped = gpu_check.attempt(old_penalty)
     assert skipped["status"] == "skipped" and "logit_chunk" in skipped["error"]
+
+
+def test_megatron_section_skips_without_megatron_core(tmp_path, monkeypatch):
+    args = gpu_check.parse_args(["--tiny", "--out", str(tmp_path / "x.json")])
+    check = gpu_check.Check(args, args.out, gpu_check.TINY, torch.device("cpu"))
+    real_import = gpu_check.importlib.import_module
+
+    def import_module(name: str, *rest):
+        if name.startswith("megatron"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *rest)
+
+    monkeypatch.setattr(gpu_check.importlib, "import_module", import_module)
+    check.run("megatron", lambda: gpu_check.section_megatron(check))
+    record = json.loads(args.out.read_text())["sections"]["megatron"]
+    assert record["status"] == "skipped" and "megatron.core is not importable" in record["reason"]
+    assert "megatron: skipped" in gpu_check.summary_table(check)
+    assert "Transformer Engine path: unverified" in gpu_check.summary_table(check)
