@@ -191,6 +191,7 @@ class MegatronPenalty:
                 k_max=int(settings["max_episodes"]),
                 position_ids=position_ids,
                 max_tokens=int(settings["max_token_len"]),
+                logit_chunk=int(settings.get("logit_chunk", 1024)),
                 schedule=self.schedule,
             )
         finally:

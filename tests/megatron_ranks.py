@@ -72,7 +72,7 @@ def update():
     return LowRankUpdate.from_deltas(deltas, RANK)
 
 
-def build(tp: int, pp: int, sequence_parallel: bool = False) -> nn.Module:
+def build(tp: int, pp: int, sequence_parallel: bool = False, tied: bool = False) -> nn.Module:
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
@@ -116,7 +116,7 @@ def build(tp: int, pp: int, sequence_parallel: bool = False) -> nn.Module:
         vocab_size=VOCAB,
         max_sequence_length=64,
         position_embedding_type="rope",
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=tied,
         pre_process=mpu.is_pipeline_first_stage(),
         post_process=mpu.is_pipeline_last_stage(),
     )
@@ -245,7 +245,9 @@ def backend_penalties(model: nn.Module, dw) -> dict:
     return {"backend": penalties, "backend_zeroed": len(zeroed), "backend_snapshot": sorted(current)}
 
 
-def run(rank: int, world: int, port: int, tp: int, pp: int, sequence_parallel: bool, out_dir: str) -> None:
+def run(
+    rank: int, world: int, port: int, tp: int, pp: int, sequence_parallel: bool, tied: bool, out_dir: str
+) -> None:
     torch.cuda.current_device = lambda: "cpu"  # see the module docstring
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -256,7 +258,7 @@ def run(rank: int, world: int, port: int, tp: int, pp: int, sequence_parallel: b
         from l2t_verl.penalty.megatron import megatron_episode_penalties
         from l2t_verl.penalty.megatron_layout import gather_hf_matrix, locate_proxy
 
-        model = build(tp, pp, sequence_parallel)
+        model = build(tp, pp, sequence_parallel, tied)
         dw = update()
         last = mpu.is_pipeline_last_stage()
         ids, mask, episodes = batch()

@@ -25,15 +25,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path: Path, tp: int, pp: int, sequence_parallel: bool = False) -> list[dict]:
+def _run(tmp_path: Path, tp: int, pp: int, sequence_parallel: bool = False, tied: bool = False) -> list[dict]:
     import megatron_ranks
 
     world = tp * pp
-    out = tmp_path / f"tp{tp}_pp{pp}_sp{int(sequence_parallel)}"
+    out = tmp_path / f"tp{tp}_pp{pp}_sp{int(sequence_parallel)}_tied{int(tied)}"
     out.mkdir()
     mp.start_processes(
         megatron_ranks.run,
-        args=(world, _port(), tp, pp, sequence_parallel, str(out)),
+        args=(world, _port(), tp, pp, sequence_parallel, tied, str(out)),
         nprocs=world,
         join=True,
         start_method="spawn",
@@ -78,6 +78,16 @@ def test_parallel_ranks_match_unsharded(tmp_path, unsharded, tp, pp, sequence_pa
         gate, up, down = (rank["hf"][n] for n in megatron_ranks.PROXY)
         torch.testing.assert_close(torch.cat([gate, up]), unsharded["fc1"], rtol=0, atol=0)
         torch.testing.assert_close(down, unsharded["fc2"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_tied_output_layer(tmp_path):
+    """With tied embeddings the output layer gets its (vocabulary-parallel) weight as an argument."""
+    one = _run(tmp_path, 1, 1, tied=True)[0]
+    for key in ("penalties_None", "penalties_20", "backend"):
+        torch.testing.assert_close(one[key], one["exact"], rtol=1e-4, atol=1e-9)
+    for rank in _run(tmp_path, 2, 1, tied=True):
+        torch.testing.assert_close(rank["penalties_20"], one["exact"], rtol=1e-4, atol=1e-9)
 
 
 def test_hf_names_map_to_megatron_linears():

@@ -2,8 +2,10 @@
 pipeline-parallel layers (docs/method.md §3, "Engines").
 
 The method is :mod:`l2t_verl.penalty.directional`'s ``reverse``: forward hooks on P's linear layers keep
-``V x_t``; one ``autograd.grad`` of the micro-batch's summed episode log-likelihood, on the last pipeline
-stage, gives their outputs' gradients ``gy_t``; ``<dW_r, grad log p_t> = sum_W (gy_t^T U_W)(V_W x_t)``
+``V x_t``; the output layer's pre-hook takes the summed episode log-likelihood's gradient at its input
+(``chunked_logprob_grads`` over the vocabulary-parallel weight: no ``[T, V]`` logits), and one
+``autograd.grad`` from there, on the last pipeline stage, gives P's outputs' gradients ``gy_t``;
+``<dW_r, grad log p_t> = sum_W (gy_t^T U_W)(V_W x_t)``
 (:func:`~l2t_verl.penalty.directional.lowrank_contraction`). ``dW_r`` is :class:`LowRankUpdate` of the
 Hugging Face (HF) matrices, so both engines share P's names, its SVD and the episode sums; only the layout
 below is Megatron's.
@@ -37,7 +39,8 @@ from torch import Tensor, nn
 
 from l2t_verl.penalty.batch import TokenBatch, episode_penalty_values, token_batch, token_budget_groups
 from l2t_verl.penalty.directional import lowrank_contraction
-from l2t_verl.penalty.megatron_layout import ProxyPiece, all_gather_along, locate_proxy
+from l2t_verl.penalty.megatron_layout import ProxyPiece, all_gather_along, locate_proxy, tensor_parallel_info
+from l2t_verl.penalty.output_layer import DEFAULT_LOGIT_CHUNK, chunked_logprob_grads
 from l2t_verl.penalty.proxy import LowRankUpdate
 
 __all__ = ["megatron_episode_penalties", "megatron_schedule"]
@@ -111,10 +114,13 @@ class _MegatronTap:
         self.outputs[id(module)] = y
         return (y, *output[1:]) if isinstance(output, tuple) else y
 
-    def derivatives(self, log_likelihood: Tensor) -> Tensor:
-        """Per position ``[s, b]``: ``<dW_r, grad log p>`` of the token each position predicts."""
+    def derivatives(self, hidden: Tensor, grad_hidden: Tensor) -> Tensor:
+        """Per position ``[s, b]``: ``<dW_r, grad log p>`` of the token each position predicts, from the
+        output layer's input ``hidden`` and the log-likelihood's gradient there."""
         keys = list(self.outputs)
-        grads = torch.autograd.grad(log_likelihood, [self.outputs[k] for k in keys], allow_unused=True)
+        grads = torch.autograd.grad(
+            hidden, [self.outputs[k] for k in keys], grad_outputs=grad_hidden, allow_unused=True
+        )
         total = None
         for key, gy in zip(keys, grads, strict=True):
             for piece, u, _ in self.entries[key]:
@@ -131,7 +137,7 @@ class _MegatronTap:
         self.projected.clear()
         self.outputs.clear()
         if total is None:
-            return log_likelihood.new_zeros(())
+            return hidden.new_zeros(())
         return total
 
 
@@ -144,14 +150,43 @@ class _MicroBatch:
 
 class _PenaltyStep:
     """The ``forward_step`` Megatron's pipeline schedules call: one micro-batch's forward, and on the
-    last stage a "loss" that computes the per-token derivatives and keeps them."""
+    last stage the output layer's scoring and a "loss" that computes the per-token derivatives and
+    keeps them."""
 
-    def __init__(self, tap: _MegatronTap | None) -> None:
+    def __init__(self, tap: _MegatronTap | None, chunk: int) -> None:
         self.tap = tap
+        self.chunk = chunk
         self.results: list[tuple[_MicroBatch, Tensor]] = []
+        self.current: _MicroBatch | None = None
+        self.scored: tuple[Tensor, Tensor] | None = None
+
+    def score_in_output_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Pre-hook of the output layer (last stage): the log-likelihood's gradient at its input, from the
+        episode positions only and in chunks; the layer then computes logits for one position, which
+        nothing reads. Its own backward (and weight-gradient accumulation) never runs."""
+        if getattr(module, "bias", None) is not None:
+            raise ValueError("the Megatron penalty supports an output layer without bias")
+        hidden = args[0]  # [s, b, h]; [s / n, b, h] under sequence parallelism
+        weight = kwargs.get("weight")
+        weight = module.weight if weight is None else weight  # tied embeddings arrive as an argument
+        tp_rank, tp_size, tp_group = tensor_parallel_info()
+        split = bool(getattr(module, "sequence_parallel", False)) and tp_size > 1
+        whole = all_gather_along(hidden.detach(), tp_group, tp_size, 0) if split else hidden.detach()
+        batch = self.current.batch
+        rows = whole.transpose(0, 1)[:, :-1][batch.valid]
+        grad = torch.zeros(whole.shape[1], whole.shape[0], whole.shape[2], device=whole.device)
+        grad[:, :-1][batch.valid] = chunked_logprob_grads(
+            rows, weight.detach(), None, batch.targets, self.chunk, vocab_group=tp_group
+        ).float()
+        grad = grad.transpose(0, 1)
+        if split:
+            grad = grad.chunk(tp_size, 0)[tp_rank]
+        self.scored = (hidden, grad.to(hidden.dtype))
+        return (hidden[:1], *args[1:]), kwargs
 
     def __call__(self, data_iterator: Iterator[_MicroBatch], model: nn.Module) -> tuple[Tensor, Callable]:
         micro = next(data_iterator)
+        self.current = micro
         # Right padding under the causal mask is exact for every real token: padding only follows them.
         # The mask is explicit (True = masked) because megatron-core's local attention builds its default
         # one on a CUDA device; Transformer Engine's causal attention ignores it.
@@ -161,15 +196,15 @@ class _PenaltyStep:
         return output, partial(self._score, micro)
 
     def _score(self, micro: _MicroBatch, logits: Tensor) -> tuple[Tensor, dict]:
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        if self.tap is None:
+        if self.tap is None or self.scored is None:
             raise RuntimeError("the Megatron penalty's last pipeline stage holds no proxy matrix")
         batch = micro.batch
-        labels = torch.roll(batch.input_ids, -1, dims=1)  # position t scores token t + 1
-        # [b, s] log-probs over the vocabulary split across tensor-parallel ranks (its own backward).
-        logprobs = -vocab_parallel_cross_entropy(logits.float(), labels)
-        per_position = self.tap.derivatives(logprobs[:, :-1][batch.valid].sum())
+        hidden, grad = self.scored
+        self.scored = None
+        if hidden.requires_grad:
+            per_position = self.tap.derivatives(hidden, grad)
+        else:  # P took no part in the forward
+            per_position = hidden.new_zeros(())
         torch.set_grad_enabled(False)  # the proxy pre-hook switched it on; the next micro-batch starts off
         if per_position.ndim == 0:
             per_token = per_position.new_zeros(int(batch.valid.sum()))
@@ -206,6 +241,7 @@ def megatron_episode_penalties(
     k_max: int | None = None,
     position_ids: Tensor | None = None,
     max_tokens: int | None = None,
+    logit_chunk: int = DEFAULT_LOGIT_CHUNK,
     schedule: Callable = megatron_schedule,
 ) -> Tensor:
     """Raw penalties ``p_k = <dW_r, g_k>^2 + damping * ||dW_r||^2`` ``[B, K_max]`` (fp32, CPU) of a
@@ -216,9 +252,11 @@ def megatron_episode_penalties(
     others. Every rank of the model-parallel groups calls this with the same batch; every rank returns
     the last stage's result. Micro-batches follow ``max_tokens`` as on FSDP, each trimmed to its longest
     row (rounded up to a multiple of the tensor-parallel size under sequence parallelism). ``schedule``
-    runs the forward steps (megatron-core's pipeline schedule; tests pass a CPU one). The backward writes
-    weight gradients of the linears between P and the output where gradient-accumulation fusion is on:
-    the caller zeros the gradients afterwards. Parameters and optimizer state are not touched.
+    runs the forward steps (megatron-core's pipeline schedule; tests pass a CPU one). The output layer
+    scores only the episode positions, ``logit_chunk`` at a time (its ``[T, V]`` logits are never formed).
+    The backward, from the output layer's input to P, may write the weight gradients of linears between
+    them (a ``linear_fc2`` after a ``linear_fc1`` proxy) where gradient-accumulation fusion is on: the
+    caller zeros the gradients afterwards. Parameters and optimizer state are not touched.
     """
     from megatron.core import parallel_state as mpu
 
@@ -260,7 +298,13 @@ def megatron_episode_penalties(
         mask = take(whole.attention_mask, 0)
         part = token_batch(take(input_ids, 0), mask, take(episode_ids, -1), None, None, whole.num_episodes)
         micro_batches.append(_MicroBatch(rows, part, take(position_ids, 0)))
-    step = _PenaltyStep(tap)
+    step = _PenaltyStep(tap, logit_chunk)
+    hooks = []
+    if last:
+        heads = [m for n, m in chunks[0].named_modules() if n.split(".")[-1] == "output_layer"]
+        if len(heads) != 1:
+            raise ValueError(f"expected one output_layer on the last pipeline stage, found {len(heads)}")
+        hooks.append(heads[0].register_forward_pre_hook(step.score_in_output_layer, with_kwargs=True))
     try:
         with torch.no_grad():
             if micro_batches and whole.num_episodes > 0:
@@ -268,6 +312,8 @@ def megatron_episode_penalties(
     finally:
         if tap is not None:
             tap.remove()
+        for hook in hooks:
+            hook.remove()
     if last and step.results:
         reg = damping * float(update.sq_norm())
         for micro, per_token in step.results:

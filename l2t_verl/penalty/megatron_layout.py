@@ -36,6 +36,7 @@ __all__ = [
     "locate_proxy",
     "megatron_location",
     "megatron_proxy_names",
+    "tensor_parallel_info",
 ]
 
 _HF_NAME = re.compile(r"^model\.layers\.(\d+)\.(mlp\.(?:gate|up|down)_proj|self_attn\.o_proj)\.weight$")
@@ -154,7 +155,8 @@ def _decoder_layers(chunk: nn.Module) -> dict[int, nn.Module]:
     }
 
 
-def _tensor_parallel() -> tuple[int, int, Any]:
+def tensor_parallel_info() -> tuple[int, int, Any]:
+    """This rank's tensor-parallel rank, the group's size, and the group (None when the size is 1)."""
     from megatron.core import parallel_state as mpu
 
     size = mpu.get_tensor_model_parallel_world_size()
@@ -164,7 +166,7 @@ def _tensor_parallel() -> tuple[int, int, Any]:
 
 def locate_proxy(chunks: Sequence[nn.Module], hf_names: Sequence[str]) -> dict[str, ProxyPiece]:
     """The proxy matrices held on this rank's pipeline stage (none on a stage without them), by HF name."""
-    tp_rank, tp_size, tp_group = _tensor_parallel()
+    tp_rank, tp_size, tp_group = tensor_parallel_info()
     pieces = {}
     for chunk in chunks:
         for index, layer in _decoder_layers(chunk).items():

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -60,17 +61,42 @@ def chunked_token_logprobs(
 
 
 def chunked_logprob_grads(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk: int,
+    *,
+    vocab_group: Any = None,
 ) -> Tensor:
-    """``d log p_n / d hidden_n = (onehot(z_n) - softmax_n) @ weight`` per row ``[N, H]``, chunked."""
+    """``d log p_n / d hidden_n = (onehot(z_n) - softmax_n) @ weight`` per row ``[N, H]``, chunked.
+
+    ``vocab_group``: the vocabulary is split over this process group (Megatron's vocabulary-parallel
+    output layer): ``weight`` / ``bias`` are this rank's rows, ``rank * V/n`` on. Each chunk's softmax max
+    and sum are then all-reduced ``[chunk]`` vectors and the ranks' shares of the gradient are summed;
+    every rank of the group calls it with the same rows."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    split = vocab_group is not None and dist.get_world_size(vocab_group) > 1
+    local = targets - (dist.get_rank(vocab_group) * weight.shape[0] if split else 0)
+    inside = (local >= 0) & (local < weight.shape[0])
     parts = []
     for start in range(0, hidden.shape[0], chunk):
         logits = F.linear(hidden[start : start + chunk], weight, bias).to(dtype)
-        residual = -torch.softmax(logits, dim=-1)
-        residual.scatter_add_(-1, targets[start : start + chunk, None], residual.new_ones(logits.shape[0], 1))
+        top = logits.max(-1).values
+        if split:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=vocab_group)
+        residual = (logits - top[:, None]).exp()
+        total = residual.sum(-1)
+        if split:
+            dist.all_reduce(total, group=vocab_group)
+        residual /= -total[:, None]
+        hit = inside[start : start + chunk]
+        residual[hit.nonzero().squeeze(-1), local[start : start + chunk][hit]] += 1.0
         parts.append((residual.to(weight.dtype) @ weight).to(dtype))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, weight.shape[1], dtype=dtype)
+    grads = torch.cat(parts) if parts else hidden.new_zeros(0, weight.shape[1], dtype=dtype)
+    if split:
+        dist.all_reduce(grads, group=vocab_group)
+    return grads
 
 
 def output_layer(model: nn.Module) -> nn.Linear | None:
