@@ -275,6 +275,7 @@ def run(
                 schedule=cpu_schedule,
             )
         result["grads_untouched"] = all(p.grad is None for p in model.parameters())
+        result["trainable_again"] = all(p.requires_grad for p in model.parameters())  # frozen for the pass
         if last:  # the HF matrices reassembled from the shards
             pieces = locate_proxy([model], PROXY)
             result["hf"] = {n: gather_hf_matrix(p, p.linear.weight.detach()) for n, p in pieces.items()}

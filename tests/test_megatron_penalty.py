@@ -68,7 +68,7 @@ def test_parallel_ranks_match_unsharded(tmp_path, unsharded, tp, pp, sequence_pa
     for rank in ranks:  # every rank, every stage, returns the last stage's penalties
         for key in ("penalties_None", "penalties_20", "backend"):
             torch.testing.assert_close(rank[key], unsharded["exact"], rtol=1e-4, atol=1e-9)
-        assert rank["grads_untouched"]
+        assert rank["grads_untouched"] and rank["trainable_again"]
         assert rank["backend_zeroed"] == 1  # the backend zeroed the engine's gradients after its backward
     snapshots = [r["backend_snapshot"] for r in ranks]
     assert snapshots.count(sorted(megatron_ranks.PROXY)) == tp  # the last stage's ranks hold P

@@ -254,9 +254,10 @@ def megatron_episode_penalties(
     row (rounded up to a multiple of the tensor-parallel size under sequence parallelism). ``schedule``
     runs the forward steps (megatron-core's pipeline schedule; tests pass a CPU one). The output layer
     scores only the episode positions, ``logit_chunk`` at a time (its ``[T, V]`` logits are never formed).
-    The backward, from the output layer's input to P, may write the weight gradients of linears between
-    them (a ``linear_fc2`` after a ``linear_fc1`` proxy) where gradient-accumulation fusion is on: the
-    caller zeros the gradients afterwards. Parameters and optimizer state are not touched.
+    The parameters are frozen for the pass (``requires_grad`` off, then back on): the backward, from the
+    output layer's input to P, computes input gradients only; megatron-core's own (non-TE) linears still
+    accumulate a weight gradient where gradient-accumulation fusion is on, so the caller zeros the
+    gradients afterwards. Parameter values and optimizer state are not touched.
     """
     from megatron.core import parallel_state as mpu
 
@@ -305,11 +306,19 @@ def megatron_episode_penalties(
         if len(heads) != 1:
             raise ValueError(f"expected one output_layer on the last pipeline stage, found {len(heads)}")
         hooks.append(heads[0].register_forward_pre_hook(step.score_in_output_layer, with_kwargs=True))
+    # No weight gradient is wanted: with the parameters frozen for the pass, Transformer Engine's linears
+    # after P compute only their input gradients (and write nothing into Megatron's gradient buffers,
+    # which may sit offloaded in CPU memory); P's outputs enter the graph through the tap.
+    frozen = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
     try:
         with torch.no_grad():
             if micro_batches and whole.num_episodes > 0:
                 schedule(step, chunks, micro_batches)
     finally:
+        for param in frozen:
+            param.requires_grad_(True)
         if tap is not None:
             tap.remove()
         for hook in hooks:
