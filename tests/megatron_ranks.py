@@ -72,7 +72,30 @@ def update():
     return LowRankUpdate.from_deltas(deltas, RANK)
 
 
-def build(tp: int, pp: int, sequence_parallel: bool = False, tied: bool = False) -> nn.Module:
+def fused_norm_linear_fc1() -> type:
+    """A column-parallel linear with the pre-MLP RMSNorm inside it, laid out like Transformer Engine's
+    ``LayerNormColumnParallelLinear`` (``layer_norm_weight``, ``normalization``, ``eps``): its forward hook
+    sees the input before the norm. Megatron's TE spec fuses the norm this way."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class FusedNormColumnParallelLinear(ColumnParallelLinear):
+        def __init__(self, input_size: int, output_size: int, *, config, **kwargs) -> None:
+            super().__init__(input_size, output_size, config=config, **kwargs)
+            self.layer_norm_weight = nn.Parameter(torch.ones(input_size))
+            self.normalization = "RMSNorm"
+            self.eps = config.layernorm_epsilon
+            self.zero_centered_gamma = False
+
+        def forward(self, x: torch.Tensor, *args, **kwargs):
+            normed = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.layer_norm_weight
+            return super().forward(normed, *args, **kwargs)
+
+    return FusedNormColumnParallelLinear
+
+
+def build(
+    tp: int, pp: int, sequence_parallel: bool = False, tied: bool = False, fused_norm: bool = False
+) -> nn.Module:
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
@@ -106,6 +129,11 @@ def build(tp: int, pp: int, sequence_parallel: bool = False, tied: bool = False)
         moe_token_dispatcher_type="alltoall",  # the default refuses variable_seq_lengths (no MoE here)
     )
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if fused_norm:
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        spec.submodules.pre_mlp_layernorm = IdentityOp
+        spec.submodules.mlp.submodules.linear_fc1 = fused_norm_linear_fc1()
     if sequence_parallel:
         spec.submodules.input_layernorm = ModuleSpec(module=SequenceParallelNorm)
         spec.submodules.pre_mlp_layernorm = ModuleSpec(module=SequenceParallelNorm)
@@ -136,7 +164,10 @@ def _global_name(model: nn.Module, name: str) -> str:
 def load_logical_weights(model: nn.Module, tp: int, tp_rank: int) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
-            key = _global_name(model, name)
+            # A fused norm holds the values the separate pre-MLP norm would: the same function.
+            key = _global_name(model, name).replace(
+                "mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"
+            )
             dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
             shape = list(param.shape)
             if dim is not None:
@@ -245,9 +276,7 @@ def backend_penalties(model: nn.Module, dw) -> dict:
     return {"backend": penalties, "backend_zeroed": len(zeroed), "backend_snapshot": sorted(current)}
 
 
-def run(
-    rank: int, world: int, port: int, tp: int, pp: int, sequence_parallel: bool, tied: bool, out_dir: str
-) -> None:
+def run(rank: int, world: int, port: int, tp: int, pp: int, options: dict, out_dir: str) -> None:
     torch.cuda.current_device = lambda: "cpu"  # see the module docstring
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -258,7 +287,7 @@ def run(
         from l2t_verl.penalty.megatron import megatron_episode_penalties
         from l2t_verl.penalty.megatron_layout import gather_hf_matrix, locate_proxy
 
-        model = build(tp, pp, sequence_parallel, tied)
+        model = build(tp, pp, **options)
         dw = update()
         last = mpu.is_pipeline_last_stage()
         ids, mask, episodes = batch()

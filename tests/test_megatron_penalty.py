@@ -25,15 +25,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path: Path, tp: int, pp: int, sequence_parallel: bool = False, tied: bool = False) -> list[dict]:
+def _run(tmp_path: Path, tp: int, pp: int, **options: bool) -> list[dict]:
     import megatron_ranks
 
     world = tp * pp
-    out = tmp_path / f"tp{tp}_pp{pp}_sp{int(sequence_parallel)}_tied{int(tied)}"
+    out = tmp_path / "_".join([f"tp{tp}", f"pp{pp}", *sorted(k for k, v in options.items() if v)])
     out.mkdir()
     mp.start_processes(
         megatron_ranks.run,
-        args=(world, _port(), tp, pp, sequence_parallel, tied, str(out)),
+        args=(world, _port(), tp, pp, options, str(out)),
         nprocs=world,
         join=True,
         start_method="spawn",
@@ -57,14 +57,15 @@ def test_unsharded_reverse_mode_matches_per_token_gradients(unsharded):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("tp", "pp", "sequence_parallel"),
-    [(2, 1, False), (2, 1, True), (1, 2, False)],
-    ids=["tp2", "tp2-sequence-parallel", "pp2"],
+    ("tp", "pp", "options"),
+    [(2, 1, {}), (2, 1, {"sequence_parallel": True}), (1, 2, {}), (2, 1, {"fused_norm": True})],
+    ids=["tp2", "tp2-sequence-parallel", "pp2", "tp2-fused-norm"],
 )
-def test_parallel_ranks_match_unsharded(tmp_path, unsharded, tp, pp, sequence_parallel):
+def test_parallel_ranks_match_unsharded(tmp_path, unsharded, tp, pp, options):
+    """TE-style fused norm: linear_fc1 normalises its own input (the hook re-applies the norm)."""
     import megatron_ranks
 
-    ranks = _run(tmp_path, tp, pp, sequence_parallel)
+    ranks = _run(tmp_path, tp, pp, **options)
     for rank in ranks:  # every rank, every stage, returns the last stage's penalties
         for key in ("penalties_None", "penalties_20", "backend"):
             torch.testing.assert_close(rank[key], unsharded["exact"], rtol=1e-4, atol=1e-9)

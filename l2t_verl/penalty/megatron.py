@@ -96,12 +96,12 @@ class _MegatronTap:
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if id(module) in self.outputs:
             raise ValueError("the Megatron penalty's proxy layer ran twice in one forward")
-        x = args[0]
-        if getattr(module, "layer_norm_weight", None) is not None:
-            x = _fused_norm_input(module, x)
         with torch.no_grad():
+            x = args[0].detach()
+            if getattr(module, "layer_norm_weight", None) is not None:
+                x = _fused_norm_input(module, x)
             for piece, _, v in self.entries[id(module)]:
-                projected = x.detach().to(v.dtype) @ v.T
+                projected = x.to(v.dtype) @ v.T
                 if piece.location.parallel == "row":
                     if piece.tp_size > 1:
                         dist.all_reduce(projected, group=piece.tp_group)
