@@ -25,7 +25,13 @@ import torch
 from tensordict import TensorDict
 from torch.distributed.tensor import DTensor
 
-from l2t_verl.penalty import LowRankUpdate, episode_penalties, proxy_regex, select_proxy_params
+from l2t_verl.penalty import (
+    DEFAULT_LOGIT_CHUNK,
+    LowRankUpdate,
+    episode_penalties,
+    proxy_regex,
+    select_proxy_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +132,7 @@ class FSDPPenalty:
             forward_kwargs={"use_cache": False},
             k_max=int(settings["max_episodes"]),
             max_tokens=int(settings["max_token_len"]),
-            logit_chunk=int(settings.get("logit_chunk", 1024)),
+            logit_chunk=int(settings.get("logit_chunk", DEFAULT_LOGIT_CHUNK)),
         ).float()
 
     @property
@@ -138,8 +144,6 @@ class MegatronPenalty:
     """The penalty on verl's Megatron engine (tensor, sequence and pipeline parallel)."""
 
     def __init__(self, engine: Any, settings: dict) -> None:
-        from megatron.core import parallel_state as mpu
-
         from l2t_verl.penalty.megatron import megatron_schedule
         from l2t_verl.penalty.megatron_layout import locate_proxy, megatron_proxy_names
 
@@ -147,16 +151,10 @@ class MegatronPenalty:
             raise ValueError("l2t.penalty.proxy=random_layers is not supported on the Megatron engine")
         self.engine = engine
         config = engine.tf_config
-        self.names = megatron_proxy_names(
+        names = megatron_proxy_names(
             int(config.num_layers), gated=bool(config.gated_linear_unit), modules=settings.get("modules")
         )
-        self.pieces = locate_proxy(engine.module, self.names)
-        self.first_saver = (
-            mpu.is_pipeline_last_stage(ignore_virtual=True)
-            and mpu.get_tensor_model_parallel_rank() == 0
-            and mpu.get_data_parallel_rank() == 0
-        )
-        self.master_fallbacks = 0
+        self.pieces = locate_proxy(engine.module, names)
         self.schedule = megatron_schedule  # what runs the forward steps: megatron-core's pipeline schedule
 
     def snapshot(self, *, host: bool = False) -> dict[str, torch.Tensor]:
@@ -166,7 +164,6 @@ class MegatronPenalty:
         linears = list({id(self.pieces[n].linear): self.pieces[n].linear for n in names}.values())
         values, fallbacks = fp32_master_weights([m.weight for m in linears], self.engine.optimizer)
         if fallbacks:
-            self.master_fallbacks += fallbacks
             logger.warning("l2t: %d proxy weight(s) read from bf16 parameters, not fp32 masters", fallbacks)
         by_linear = {id(m): v for m, v in zip(linears, values, strict=True)}
         snapshot = {}
@@ -191,17 +188,24 @@ class MegatronPenalty:
                 k_max=int(settings["max_episodes"]),
                 position_ids=position_ids,
                 max_tokens=int(settings["max_token_len"]),
-                logit_chunk=int(settings.get("logit_chunk", 1024)),
+                logit_chunk=int(settings.get("logit_chunk", DEFAULT_LOGIT_CHUNK)),
                 schedule=self.schedule,
             )
         finally:
-            # The backward wrote weight gradients of the linears after P into Megatron's gradient
-            # buffers (fused accumulation); nothing else may see them.
+            # megatron-core's own linears after P accumulate weight gradients into Megatron's gradient
+            # buffers whatever requires_grad says (fused accumulation); nothing else may see them.
             self.engine.optimizer_zero_grad()
 
     @property
     def saves_reference(self) -> bool:
-        return self.first_saver
+        from megatron.core import parallel_state as mpu
+
+        # One rank holding P: the last stage's first tensor- and data-parallel rank.
+        return (
+            mpu.is_pipeline_last_stage(ignore_virtual=True)
+            and mpu.get_tensor_model_parallel_rank() == 0
+            and mpu.get_data_parallel_rank() == 0
+        )
 
 
 def penalty_backend(strategy: str, engine: Any, settings: dict, rank: int) -> PenaltyBackend:

@@ -91,8 +91,8 @@ class L2TActorRolloutRefWorker(ActorRolloutRefWorker):
         # zero update (previous_step) or a new origin (initial). It holds the whole of P by Hugging Face
         # name, so one rank holding P writes it next to the actor's shards (every rank reads it back), and
         # the checkpoint manager's clean-up removes it with them.
-        backend = self._l2t_backend
-        if backend is not None and backend.saves_reference and self._l2t_reference is not None:
+        # A reference implies settings (it is taken or restored with them), hence a backend to ask.
+        if self._l2t_reference is not None and self._l2t_penalty_backend().saves_reference:
             state = {"reference": self._l2t_reference, "settings": self._l2t_settings}
             torch.save(state, os.path.join(local_path, L2T_STATE_FILE))
 

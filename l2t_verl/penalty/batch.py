@@ -21,6 +21,7 @@ __all__ = [
     "TokenBatch",
     "eval_mode",
     "episode_penalty_values",
+    "micro_batch_rows",
     "prepare_batch",
     "result_dtype",
     "segment_sum",
@@ -68,6 +69,15 @@ def token_budget_groups(lengths: Sequence[int], max_tokens: int) -> list[list[in
     if current:
         groups.append(current)
     return groups
+
+
+def micro_batch_rows(attention_mask: Tensor, max_tokens: int | None) -> list[tuple[list[int], int]]:
+    """A padded batch's micro-batches: each one's rows (:func:`token_budget_groups`, or every row when
+    ``max_tokens`` is None) and its width, the longest of its rows by ``attention_mask`` (at least 1)."""
+    last = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device) * (attention_mask != 0)
+    lengths = last.max(dim=1).values.tolist()
+    groups = [list(range(len(lengths)))] if max_tokens is None else token_budget_groups(lengths, max_tokens)
+    return [(rows, max(max(lengths[i] for i in rows), 1)) for rows in groups]
 
 
 def prepare_batch(

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from l2t_verl.penalty.batch import (
     episode_penalty_values,
     eval_mode,
+    micro_batch_rows,
     prepare_batch,
     result_dtype,
-    token_budget_groups,
 )
 from l2t_verl.penalty.directional import fast_directional_derivatives, in_last_layer_mlp
 from l2t_verl.penalty.output_layer import DEFAULT_LOGIT_CHUNK
@@ -120,13 +120,9 @@ def episode_penalties(
     if device.type == "meta":
         device = input_ids.device
     mask = batch.attention_mask
-    last = torch.arange(1, mask.shape[1] + 1, device=mask.device) * (mask != 0)
-    lengths = last.max(dim=1).values.tolist()
-    groups = [list(range(len(lengths)))] if max_tokens is None else token_budget_groups(lengths, max_tokens)
     with eval_mode(model):
-        for rows in groups:
+        for rows, width in micro_batch_rows(mask, max_tokens):
             index = torch.tensor(rows, device=input_ids.device)
-            width = max(max(lengths[i] for i in rows), 1)
             part = prepare_batch(
                 model,
                 update,

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from l2t_verl.penalty.batch import TokenBatch, episode_penalty_values, token_batch, token_budget_groups
+from l2t_verl.penalty.batch import TokenBatch, episode_penalty_values, micro_batch_rows, token_batch
 from l2t_verl.penalty.directional import lowrank_contraction
 from l2t_verl.penalty.megatron_layout import ProxyPiece, all_gather_along, locate_proxy, tensor_parallel_info
 from l2t_verl.penalty.output_layer import DEFAULT_LOGIT_CHUNK, chunked_logprob_grads
@@ -283,13 +283,11 @@ def megatron_episode_penalties(
     config = chunks[0].config if hasattr(chunks[0], "config") else None
     tp_size = mpu.get_tensor_model_parallel_world_size()
     multiple = tp_size if config is not None and getattr(config, "sequence_parallel", False) else 1
-    lengths = (torch.arange(1, whole.attention_mask.shape[1] + 1) * (whole.attention_mask != 0)).max(1).values
-    groups = token_budget_groups(lengths.tolist(), max_tokens) if max_tokens else [list(range(len(lengths)))]
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     micro_batches = []
-    for rows in groups:
-        width = -(-max(max(int(lengths[i]) for i in rows), 2) // multiple) * multiple
+    for rows, longest in micro_batch_rows(whole.attention_mask, max_tokens):
+        width = -(-max(longest, 2) // multiple) * multiple
         pad = max(0, width - input_ids.shape[1])
         index = torch.tensor(rows)
 

@@ -209,14 +209,19 @@ def gather_hf_matrix(piece: ProxyPiece, local: Tensor) -> Tensor:
 # fp32 master weights
 
 
-def _distributed_shards(optimizer: Any) -> dict[int, Tensor | None]:
-    return {
-        id(model_param): shard
-        for model_group, shard_group in zip(
-            optimizer.model_float16_groups, optimizer.shard_fp32_from_float16_groups, strict=True
-        )
-        for model_param, shard in zip(model_group, shard_group, strict=True)
-    }
+def _master_copies(optimizer: Any) -> tuple[bool, dict[int, Tensor | None]]:
+    """Whether ``optimizer`` is Megatron's distributed optimizer, and its fp32 master (a range of it, for
+    the distributed optimizer; None where a precision-aware one keeps it elsewhere) by model parameter."""
+    if hasattr(optimizer, "shard_fp32_from_float16_groups"):
+        params, masters = optimizer.model_float16_groups, optimizer.shard_fp32_from_float16_groups
+        distributed = True
+    elif hasattr(optimizer, "fp32_from_float16_groups"):
+        params, masters = optimizer.float16_groups, optimizer.fp32_from_float16_groups
+        distributed = False
+    else:
+        return False, {}
+    pairs = zip(chain(*params), chain(*masters), strict=True)
+    return distributed, {id(param): master for param, master in pairs}
 
 
 def fp32_master_weights(params: Sequence[nn.Parameter], optimizer: Any) -> tuple[list[Tensor], int]:
@@ -232,13 +237,13 @@ def fp32_master_weights(params: Sequence[nn.Parameter], optimizer: Any) -> tuple
     state in a form not read here: the bf16 parameter is used and counted.
     """
     optimizers = list(getattr(optimizer, "chained_optimizers", None) or ([optimizer] if optimizer else []))
+    copies = [(opt, *_master_copies(opt)) for opt in optimizers]
     values, fallbacks = [], 0
     for param in params:
         value = None
-        for opt in optimizers:
-            distributed = hasattr(opt, "shard_fp32_from_float16_groups")
+        for opt, distributed, masters in copies:
             if distributed and param in getattr(opt, "model_param_gbuf_map", {}):
-                shard = _distributed_shards(opt).get(id(param))
+                shard = masters.get(id(param))
                 full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
                 if shard is not None:
                     # Megatron keeps the range map private; it is the only record of which slice of the
@@ -248,12 +253,10 @@ def fp32_master_weights(params: Sequence[nn.Parameter], optimizer: Any) -> tuple
                 dist.all_reduce(full, group=opt.data_parallel_group)
                 value = full.view(param.shape)
                 break
-            if hasattr(opt, "fp32_from_float16_groups"):
-                pairs = zip(chain(*opt.float16_groups), chain(*opt.fp32_from_float16_groups), strict=True)
-                master = next((m for p, m in pairs if p is param), None)
-                if master is not None:
-                    value = master.detach().float().clone()
-                    break
+            master = None if distributed else masters.get(id(param))
+            if master is not None:
+                value = master.detach().float().clone()
+                break
         if value is None:
             fallbacks += int(param.dtype != torch.float32)
             value = param.detach().float().clone()
