@@ -351,12 +351,20 @@ def run_masters(rank: int, world: int, port: int, out_dir: str) -> None:
         spans = [(0, 10), (0, 15)] if rank == 0 else [(10, 24), (0, 0)]
         chained = type("Chained", (), {"chained_optimizers": [DistributedMasters(params, masters, spans)]})()
         values, fallbacks = fp32_master_weights([*params, outside], chained)
+        # A precision-aware optimizer keeps its masters in its own state: every parameter falls back.
+        chained.chained_optimizers[0].config = types.SimpleNamespace(
+            use_precision_aware_optimizer_no_fp8_or_ds_fp8=True
+        )
+        aware, aware_fallbacks = fp32_master_weights([*params, outside], chained)
         torch.save(
             {
                 "values": values,
                 "masters": masters,
                 "outside": outside.detach().float(),
                 "fallbacks": fallbacks,
+                "aware": aware,
+                "aware_fallbacks": aware_fallbacks,
+                "params": [p.detach().float() for p in [*params, outside]],
             },
             os.path.join(out_dir, f"masters{rank}.pt"),
         )

@@ -143,3 +143,6 @@ def test_fp32_masters_assembled_over_data_parallel_ranks(tmp_path):
             assert not torch.equal(value, master.to(torch.bfloat16).float())
         torch.testing.assert_close(got["values"][2], got["outside"], rtol=0, atol=0)
         assert got["fallbacks"] == 1  # the bf16 parameter without a master is counted
+        for value, param in zip(got["aware"], got["params"], strict=True):
+            torch.testing.assert_close(value, param, rtol=0, atol=0)
+        assert got["aware_fallbacks"] == 3

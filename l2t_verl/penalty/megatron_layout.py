@@ -243,6 +243,10 @@ def fp32_master_weights(params: Sequence[nn.Parameter], optimizer: Any) -> tuple
         value = None
         for opt, distributed, masters in copies:
             if distributed and param in getattr(opt, "model_param_gbuf_map", {}):
+                if getattr(
+                    getattr(opt, "config", None), "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False
+                ):
+                    break  # no master shard here on any rank (the same config everywhere): fall back
                 shard = masters.get(id(param))
                 full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
                 if shard is not None:
